@@ -127,14 +127,17 @@ class TrainConfig:
     """Initial Adam learning rate."""
     num_steps: int = 50_000
     """Optimizer steps to take in one ``train()`` call / one training run (not an absolute cap)."""
-    dropout_keep_prob: float = 0.75
-    """Keep probability of dropout in training steps (1.0 disables dropout)."""
+    dropout_keep_prob: float = 1.0
+    """Keep probability of dropout in training steps (1.0 disables dropout).
+
+    The original's default was 0.75; on scikit-learn's digits that gives a 10-NN accuracy of the
+    2-D embedding of 0.63 against 0.83 without dropout (see README, "Changed defaults")."""
     test_every: int = 50
     """Validate on the whole validation split every this many steps."""
     lr_scheduling: bool = True
     """Reduce the LR on a validation plateau and stop once it reaches ``lr_scheduling_min``."""
-    lr_scheduling_steps: int = 5
-    """Plateau window, counted in validations."""
+    lr_scheduling_steps: int = 10
+    """Plateau window, counted in validations (the original's 5 stops training too early)."""
     lr_scheduling_factor: float = 5.0
     """The LR is divided by this on a plateau."""
     lr_scheduling_min: float = 1e-5

@@ -77,7 +77,7 @@ class _LocalCallbacks:
         if owner.tb_logging:
             from tensorboardX import SummaryWriter  # installed with ray[train]
 
-            self.writer = SummaryWriter(str(owner.logdir))
+            self.writer = SummaryWriter(str(owner.logdir_))
 
     def on_step(self, step: int, loss: float) -> None:
         self.bar.update(1)
@@ -267,8 +267,8 @@ class CompressionVAE:
 
     # ------------------------------------------------------------------ training
     def train(self, learning_rate: float = 1e-3, num_steps: int = 50_000,
-              dropout_keep_prob: float = 0.75, overwrite: bool = False, test_every: int = 50,
-              lr_scheduling: bool = True, lr_scheduling_steps: int = 5,
+              dropout_keep_prob: float = 1.0, overwrite: bool = False, test_every: int = 50,
+              lr_scheduling: bool = True, lr_scheduling_steps: int = 10,
               lr_scheduling_factor: float = 5, lr_scheduling_min: float = 1e-5,
               checkpoint_every: int = 2000, verbose: bool = True) -> CompressionVAE:
         """Train for up to ``num_steps`` more optimizer steps; returns self.

@@ -1,0 +1,86 @@
+"""The model learns: digits' 2-D embedding separates the classes; the original's examples run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.model_selection import cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from cvae_model import CompressionVAE
+
+
+def knn_accuracy(z: np.ndarray, y: np.ndarray) -> float:
+    return float(cross_val_score(KNeighborsClassifier(10), z, y, cv=5).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_default_training_on_digits_separates_classes(tmp_path: Path) -> None:
+    X, y = load_digits(return_X_y=True)
+    embedder = CompressionVAE(X, logdir=tmp_path / "digits", random_state=0)
+    before = knn_accuracy(embedder.embed(X), y)
+    embedder.train(verbose=False)
+    after = knn_accuracy(embedder.embed(X), y)
+    history = embedder.history_
+    assert before < 0.5, before
+    assert after >= 0.80, after
+    assert history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
+    # The plateau rule stopped training before the 50k-step cap.
+    assert embedder.state_.converged and embedder.state_.step < 50_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_original_readme_examples_run_as_written(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The original README's code, with digits (8x8 images) instead of a download of MNIST."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    digits = load_digits()
+    X = digits.data
+    target = digits.target
+
+    # Basic use.
+    embedder = CompressionVAE(X)
+    embedder.train(num_steps=300)  # the README trains to convergence; capped to keep tests fast
+    z = embedder.embed(X)
+    embedder.visualize(z, labels=[int(label) for label in target])
+    X_reconstructed = embedder.decode(z)
+    assert X_reconstructed.shape == X.shape
+    z_interp = np.expand_dims(0.5 * z[0] + 0.5 * z[1], axis=0)
+    X_interp = embedder.decode(z_interp)
+    assert X_interp.shape == (1, 64)
+    embedder.visualize_latent_grid(xy_range=(-4.0, 4.0), grid_size=20, shape=(8, 8), clip=(0, 16))
+    assert (tmp_path / "temp").is_dir()
+
+    # Advanced use.
+    embedder = CompressionVAE(X,
+                              train_valid_split=0.99,
+                              dim_latent=16,
+                              iaf_flow_length=10,
+                              cells_encoder=[512, 256, 128],
+                              initializer='lecun_normal',
+                              batch_size=32,
+                              batch_size_test=128,
+                              logdir='~/mnist_16d',
+                              feature_normalization=False,
+                              tb_logging=True)
+    embedder.train(learning_rate=1e-4,
+                   num_steps=200,  # the README says 2000
+                   dropout_keep_prob=0.6,
+                   test_every=50,
+                   lr_scheduling=False)
+    assert embedder.embed(X).shape == (1797, 16)
+    logdir = tmp_path / "mnist_16d"
+    assert (logdir / "checkpoint-000000200").is_dir()
+    assert any(p.name.startswith("events.out.tfevents") for p in logdir.iterdir())
+
+    # Restarting an existing model: parameters are ignored in favour of the stored ones.
+    restored = CompressionVAE(X, logdir='~/mnist_16d', dim_latent=2)
+    assert restored.embed(X).shape == (1797, 16)
+    restored.train(num_steps=50, overwrite=True, verbose=False)
+    assert restored.state_.step == 250
