@@ -27,6 +27,7 @@ from cvae_model.checkpoint import (
     write_checkpoint_to_logdir,
 )
 from cvae_model.config import ModelConfig, TrainConfig
+from cvae_model.data import ArrayData, TrainingData, derive_seed
 from cvae_model.normalization import Normalizer
 from cvae_model.plotting import latent_grid_figure, scatter_figure
 from cvae_model.training import (
@@ -51,10 +52,6 @@ _MODEL_ARGS = ("dim_latent", "iaf_flow_length", "cells_encoder", "initializer",
 
 class NotFittedError(ValueError, AttributeError):
     """The estimator has no model yet (no data given and nothing restored from logdir)."""
-
-
-def _derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 def _in_batches(array: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
@@ -180,8 +177,7 @@ class CompressionVAE:
         self.train_config_: TrainConfig | None = None
         self.history_: list[dict[str, float]] = []
         self.restored_ = False
-        self._train_data: np.ndarray | None = None
-        self._valid_data: np.ndarray | None = None
+        self._data: TrainingData | None = None
         # Validate the model arguments before touching anything on disk.
         self._requested_config(dim_feature=1)
 
@@ -232,22 +228,24 @@ class CompressionVAE:
 
     def _prepare_data(self, X: Any, X_valid: Any) -> None:
         if isinstance(X, (str, os.PathLike)):
-            from cvae_model.streaming import load_path_source  # Ray Data readers, lazily
+            # A .npy tree or parquet data set, streamed through the Ray Data readers.
+            from pipeline.local_data import StreamingData
 
-            train, valid = load_path_source(self, X, X_valid)
+            expected = self.model_config_.dim_feature if self.model_config_ else None
+            data: TrainingData = StreamingData.open(X, X_valid, self.train_valid_split,
+                                                    seed=self.seed_, dim_feature=expected)
         else:
-            train, valid = self._split_arrays(X, X_valid)
+            data = ArrayData(*self._split_arrays(X, X_valid))
         if self.model_ is None:
-            dim_feature = train.shape[1]
+            dim_feature = data.dim_feature
             self.model_config_ = self._requested_config(dim_feature)
-            self.normalizer_ = (Normalizer.fit(train) if self.model_config_.feature_normalization
+            self.normalizer_ = (Normalizer.from_stats(data.train_stats())
+                                if self.model_config_.feature_normalization
                                 else Normalizer.identity(dim_feature))
             with torch.random.fork_rng():
-                torch.manual_seed(_derive_seed(self.seed_, 1))
+                torch.manual_seed(derive_seed(self.seed_, 1))
                 self.model_ = VAE(self.model_config_)
-        assert self.normalizer_ is not None
-        self._train_data = self.normalizer_.transform(train)
-        self._valid_data = self.normalizer_.transform(valid)
+        self._data = data
 
     def _split_arrays(self, X: Any, X_valid: Any) -> tuple[np.ndarray, np.ndarray]:
         expected = self.model_config_.dim_feature if self.model_config_ else None
@@ -259,7 +257,7 @@ class CompressionVAE:
         if n_train < 1 or (n - n_train < 1 and self.train_valid_split < 1):
             raise ValueError(f"X has {n} sample(s): too few to split with train_valid_split="
                              f"{self.train_valid_split}; pass X_valid or more data.")
-        order = np.random.default_rng(_derive_seed(self.seed_, 0)).permutation(n)
+        order = np.random.default_rng(derive_seed(self.seed_, 0)).permutation(n)
         train_rows, valid_rows = order[:n_train], order[n_train:]
         if valid_rows.size == 0:  # train_valid_split=1.0: validate on the training data
             valid_rows = train_rows
@@ -289,7 +287,8 @@ class CompressionVAE:
                            "continue training it. Nothing was trained.", self.logdir_,
                            self.state_.step)
             return self
-        if self._train_data is None or self._valid_data is None or self.model_ is None:
+        data, normalizer = self._data, self.normalizer_
+        if data is None or self.model_ is None or normalizer is None:
             raise ValueError("No training data: pass X to CompressionVAE(...) or call fit(X).")
         config = TrainConfig(
             learning_rate=learning_rate, num_steps=num_steps, dropout_keep_prob=dropout_keep_prob,
@@ -314,24 +313,21 @@ class CompressionVAE:
         state.target_step = state.step + num_steps
         self.train_config_ = config
 
-        train_tensor = torch.from_numpy(self._train_data)
-        valid_tensor = torch.from_numpy(self._valid_data)
-        batches = self._batches(train_tensor, config.batch_size, config.seed or 0, state.step)
+        batches = data.train_batches(config.batch_size, self.seed_, state.step, normalizer)
 
         def evaluate() -> ValidationResult:
             model.eval()
             loss, recon, kl, rows = evaluate_batches(
-                model, (torch.from_numpy(b) for b in _in_batches(self._valid_data, config.batch_size_test)))
+                model, data.valid_batches(config.batch_size_test, normalizer))
             model.train()
             return ValidationResult(loss / rows, recon / rows, kl / rows, rows)
 
-        del valid_tensor
         callbacks = _LocalCallbacks(self, config, total=state.target_step, initial=state.step,
                                     verbose=verbose)
         model.train()
         try:
             with torch.random.fork_rng():
-                torch.manual_seed(_derive_seed(self.seed_, 2, state.step))
+                torch.manual_seed(derive_seed(self.seed_, 2, state.step))
                 run_training(model, model, optimizer, scheduler, state, batches, evaluate, config,
                              callbacks)
         except KeyboardInterrupt:
@@ -347,22 +343,6 @@ class CompressionVAE:
         self.state_ = state
         self.restored_ = False
         return self
-
-    @staticmethod
-    def _batches(data: torch.Tensor, batch_size: int, seed: int, start_step: int) -> Iterator[torch.Tensor]:
-        """Endless shuffled batches; step s is batch s % per_epoch of epoch s // per_epoch, so a
-        resumed run sees the batches an uninterrupted one would have."""
-        n = data.shape[0]
-        size = min(batch_size, n)
-        per_epoch = max(n // size, 1)
-        step = start_step
-        while True:
-            epoch, index = divmod(step, per_epoch)
-            generator = torch.Generator().manual_seed(_derive_seed(seed, 3, epoch))
-            order = torch.randperm(n, generator=generator)
-            for i in range(index, per_epoch):
-                yield data[order[i * size:(i + 1) * size]]
-                step += 1
 
     def _save(self, state: TrainState, config: TrainConfig | None) -> Path:
         assert self.model_ is not None and self.model_config_ and self.normalizer_ is not None

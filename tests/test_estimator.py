@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from cvae_model import CompressionVAE, NotFittedError
 from cvae_model.checkpoint import CHECKPOINT_FILES, load_checkpoint
+from cvae_model.training import evaluate_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,8 +109,16 @@ def test_train_twice_counts_steps_per_call(data: np.ndarray, tmp_path: Path) -> 
 
 def test_validation_uses_the_whole_split(data: np.ndarray, tmp_path: Path) -> None:
     model = small(data, tmp_path / "run", train_valid_split=0.75)
-    assert model._valid_data is not None and model._valid_data.shape[0] == 100
-    assert model._train_data is not None and model._train_data.shape[0] == 300
+    quick_train(model, steps=10)
+    # The final validation saw all 100 held-out rows, not just the first batch_size_test of them.
+    assert model.history_[-1]["step"] == 10
+    data = model._data
+    assert data is not None and data.valid_rows() == 100
+    assert sum(b.shape[0] for b in data.valid_batches(64, model.normalizer_)) == 100
+    rows = torch.from_numpy(model.normalizer_.transform(data.valid))  # type: ignore[attr-defined]
+    loss_sum, _, _, n = evaluate_batches(model.model_, iter([rows[:64], rows[64:]]))
+    assert n == 100
+    assert model.history_[-1]["val_loss"] == pytest.approx(loss_sum / 100, rel=1e-6)
 
 
 def test_tilde_is_expanded(data: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
