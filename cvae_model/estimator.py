@@ -129,6 +129,10 @@ class CompressionVAE:
         Write TensorBoard scalars to ``logdir``.
     random_state : int, optional
         Seed of the split, the initial weights, batch order, dropout and noise.
+    num_workers : int, default 0
+        0 trains in this process. N > 0 trains with N data-parallel Ray Train workers
+        (``pipeline.ray_training``; a local Ray runtime starts on demand, or ``RAY_ADDRESS``
+        is joined), tracked in MLflow; the result lands in ``logdir`` as usual.
 
     Example
     -------
@@ -145,7 +149,8 @@ class CompressionVAE:
                  cells_encoder: Sequence[int] | None = None, initializer: str = "orthogonal",
                  batch_size: int = 64, batch_size_test: int = 64,
                  logdir: str | os.PathLike[str] = TEMP_LOGDIR, feature_normalization: bool = True,
-                 tb_logging: bool = False, random_state: int | None = None) -> None:
+                 tb_logging: bool = False, random_state: int | None = None,
+                 num_workers: int = 0) -> None:
         self.X = X
         self.X_valid = X_valid
         self.train_valid_split = train_valid_split
@@ -159,6 +164,7 @@ class CompressionVAE:
         self.feature_normalization = feature_normalization
         self.tb_logging = tb_logging
         self.random_state = random_state
+        self.num_workers = num_workers
         self._setup()
 
     # ------------------------------------------------------------------ construction
@@ -297,6 +303,9 @@ class CompressionVAE:
             lr_scheduling_min=lr_scheduling_min, checkpoint_every=checkpoint_every,
             batch_size=self.batch_size, batch_size_test=self.batch_size_test, seed=self.seed_,
         )
+        if self.num_workers > 0:
+            self._train_on_ray(config)
+            return self
         model = self.model_
         optimizer = make_optimizer(model, config)
         scheduler = make_scheduler(optimizer, config)
@@ -343,6 +352,29 @@ class CompressionVAE:
         self.state_ = state
         self.restored_ = False
         return self
+
+    def _train_on_ray(self, config: TrainConfig) -> None:
+        """The same loop on Ray Train workers, continuing from this estimator's current model."""
+        import tempfile
+
+        from pipeline.ray_training import DistributedConfig, run_distributed_training
+
+        data = self._data
+        if isinstance(data, ArrayData):
+            source, valid = data.train, data.valid
+        else:
+            source, valid = data.source, data.valid_source  # type: ignore[union-attr]
+        with tempfile.TemporaryDirectory(prefix="cvae-initial-") as tmp:
+            initial = self.save(Path(tmp) / "checkpoint")
+            result = run_distributed_training(
+                source, {}, config, DistributedConfig(num_workers=self.num_workers),
+                train_valid_split=self.train_valid_split, valid_source=valid,
+                initial_checkpoint=initial)
+        checkpoint = load_checkpoint(result.checkpoint_dir)
+        self._adopt(checkpoint)
+        self.restored_ = False
+        write_checkpoint_to_logdir(checkpoint, self.logdir_, config.keep_checkpoints)
+        self.history_.append({"step": float(result.step), **result.metrics})
 
     def _save(self, state: TrainState, config: TrainConfig | None) -> Path:
         assert self.model_ is not None and self.model_config_ and self.normalizer_ is not None
@@ -428,7 +460,7 @@ class CompressionVAE:
 
     _PARAM_NAMES = ("X", "X_valid", "train_valid_split", "dim_latent", "iaf_flow_length",
                     "cells_encoder", "initializer", "batch_size", "batch_size_test", "logdir",
-                    "feature_normalization", "tb_logging", "random_state")
+                    "feature_normalization", "tb_logging", "random_state", "num_workers")
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._PARAM_NAMES}

@@ -178,7 +178,7 @@ def run_training(
 
     ``model`` is the bare VAE (checkpointed); ``module`` is what the forward pass runs through
     (the same VAE, or its DDP wrapper). Validates every ``test_every`` steps (step 0 of a fresh
-    run included), applies the plateau rule and the stop-at-minimum-LR rule, saves every
+    run included; a resumed run does not repeat the validation of its starting step), applies the plateau rule and the stop-at-minimum-LR rule, saves every
     ``checkpoint_every`` steps and at the end. A ``KeyboardInterrupt`` propagates after the
     caller's handler may save; ``state`` is kept current so it can.
     """
@@ -211,16 +211,18 @@ def run_training(
         state.scheduler = scheduler.state_dict()
         return state
 
+    def validate_and_schedule() -> None:
+        result = validate()
+        if config.lr_scheduling:
+            before = current_lr(optimizer)
+            scheduler.step(result.loss if math.isfinite(result.loss) else float("inf"))
+            after = current_lr(optimizer)
+            if after < before and after <= config.lr_scheduling_min:
+                state.converged = True
+
+    if state.step == 0 and state.target_step > 0:
+        validate_and_schedule()  # the untrained model's loss, as the original logged
     while state.step < state.target_step and not state.converged:
-        if state.step % config.test_every == 0 and last_validated != state.step:
-            result = validate()
-            if config.lr_scheduling:
-                before = current_lr(optimizer)
-                scheduler.step(result.loss if math.isfinite(result.loss) else float("inf"))
-                after = current_lr(optimizer)
-                if after < before and after <= config.lr_scheduling_min:
-                    state.converged = True
-                    break
         step = train_step(module, optimizer, next(batches), keep_prob=config.dropout_keep_prob,
                           grad_clip_norm=config.grad_clip_norm)
         if step.applied:
@@ -235,6 +237,9 @@ def run_training(
                 )
         state.step += 1
         callbacks.on_step(state.step, step.loss)
+        # Validate before checkpointing, so a checkpoint carries the metrics of its own step.
+        if state.step % config.test_every == 0:
+            validate_and_schedule()
         if state.step % config.checkpoint_every == 0:
             callbacks.save(snapshot())
             last_saved = state.step

@@ -32,7 +32,11 @@ def _as_source(value: Any) -> Any:
 class StreamingData:
     """Train/validation splits of a Ray dataset, served as normalized torch batches."""
 
-    def __init__(self, train: Any, valid: Any, stats: FeatureStats, valid_count: int) -> None:
+    def __init__(self, train: Any, valid: Any, stats: FeatureStats, valid_count: int,
+                 source: Any = None, valid_source: Any = None) -> None:
+        self.source = source
+        """The source spec this was read from (the Ray Train launcher re-reads it)."""
+        self.valid_source = valid_source
         self.train = train
         self.valid = valid
         self._stats = stats
@@ -72,7 +76,8 @@ class StreamingData:
         if valid_count == 0:
             raise ValueError(f"The validation split of {source} is empty; lower train_valid_split "
                              f"(now {train_valid_split}) or pass X_valid")
-        return cls(train, valid, stats, valid_count)
+        return cls(train, valid, stats, valid_count, _as_source(source),
+                   None if valid_source is None else _as_source(valid_source))
 
     @property
     def dim_feature(self) -> int:

@@ -145,6 +145,9 @@ class _WorkerCallbacks:
         fault = self.fault
         if fault and self.rank == 1 and step == fault["step"] and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text(str(step))
+            # Ray Train's controller collects reported checkpoints by polling the workers; give
+            # it time to register the last one, as a real failure rarely follows one instantly.
+            time.sleep(float(fault.get("delay_s", 3.0)))
             logger.warning("fault injection: killing worker rank 1 at step %d", step)
             os.kill(os.getpid(), 9)
 
@@ -208,16 +211,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = VAE(model_config)
     state = TrainState(step=0, target_step=train_config.num_steps)
     restored = ray.train.get_checkpoint()
-    if restored is not None:
+    saved = None
+    if restored is not None:  # a restart after a failure, or a rerun of the same run name
         with restored.as_directory() as directory:
-            saved = load_checkpoint(Path(directory) / "checkpoint"
-                                    if (Path(directory) / "checkpoint").is_dir() else directory)
+            saved = load_checkpoint(directory)
+        if saved.train_state.converged or saved.train_state.step >= saved.train_state.target_step:
+            saved.train_state.target_step = saved.train_state.step + train_config.num_steps
+    elif loop_config.get("initial_checkpoint"):  # continue a model trained elsewhere
+        saved = load_checkpoint(loop_config["initial_checkpoint"])
+        saved.train_state.target_step = saved.train_state.step + train_config.num_steps
+    if saved is not None:
         model.load_state_dict(saved.state_dict)
         normalizer = saved.normalizer
         state = saved.train_state
-        if state.converged or state.step >= state.target_step:  # a finished run: train more
-            state.converged = False
-            state.target_step = state.step + train_config.num_steps
+        state.converged = False
         logger.info("rank %d resumes at step %d (target %d)", rank, state.step, state.target_step)
     module = ray.train.torch.prepare_model(model)
     bare: VAE = module.module if hasattr(module, "module") else module  # type: ignore[assignment]
@@ -282,6 +289,7 @@ def run_distributed_training(
     train_valid_split: float = 0.9,
     valid_source: Any = None,
     resume: bool = False,
+    initial_checkpoint: str | os.PathLike[str] | None = None,
 ) -> DistributedResult:
     """Train a CompressionVAE on Ray Train with ``dist.num_workers`` DDP workers.
 
@@ -290,7 +298,9 @@ def run_distributed_training(
     feature_normalization). The MLflow run gets every parameter, metrics at each validation,
     the config and normalization as artifacts, every checkpoint, and tags describing the data.
     With ``resume`` the Ray run of the same ``run_name`` continues from its latest checkpoint
-    and logs into the same MLflow run.
+    and logs into the same MLflow run. ``initial_checkpoint`` (a cvae checkpoint directory on
+    storage every worker can read) continues that model for ``num_steps`` more steps, with its
+    architecture and normalization.
     """
     import mlflow
     import ray
@@ -325,9 +335,16 @@ def run_distributed_training(
     stats = compute_stats(train_ds)
     if stats.count == 0:
         raise ValueError(f"The training split of {source!r} is empty")
-    model_config = ModelConfig(dim_feature=int(stats.mean.shape[0]), **model_args)
-    normalizer = (Normalizer.from_stats(stats) if model_config.feature_normalization
-                  else Normalizer.identity(model_config.dim_feature))
+    if initial_checkpoint is not None:
+        initial = load_checkpoint(initial_checkpoint)
+        model_config, normalizer = initial.model_config, initial.normalizer
+        if model_config.dim_feature != stats.mean.shape[0]:
+            raise ValueError(f"The data has {stats.mean.shape[0]} features, but the model in "
+                             f"{initial_checkpoint} expects {model_config.dim_feature}")
+    else:
+        model_config = ModelConfig(dim_feature=int(stats.mean.shape[0]), **model_args)
+        normalizer = (Normalizer.from_stats(stats) if model_config.feature_normalization
+                      else Normalizer.identity(model_config.dim_feature))
     materialize = dist.materialize
     if materialize is None:
         materialize = stats.count * model_config.dim_feature * 4 < _MATERIALIZE_BYTES
@@ -375,6 +392,8 @@ def run_distributed_training(
         "tracking_uri": tracking_uri(),
         "fault_injection": dist.fault_injection,
         "cache_shard": materialize,
+        "initial_checkpoint": (os.path.abspath(initial_checkpoint)
+                               if initial_checkpoint is not None else None),
     }
     resources = {"CPU": _cpus_per_worker(dist.num_workers)}
     if dist.use_gpu:

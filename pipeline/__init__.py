@@ -1,0 +1,1 @@
+"""pipeline: Ray Data readers, the Ray Train launcher, MLflow tracking and registry, batch inference."""
