@@ -91,6 +91,45 @@ class SourceSpec:
 
 
 # ---------------------------------------------------------------------------- row checks
+_TALLY_NAME = "cvae_nonfinite_tally"
+
+
+class _NonfiniteTally:
+    """A zero-CPU Ray actor counting rows dropped by ``on_nonfinite="skip"`` (all datasets)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> int:
+        self.rows += rows
+        return self.rows
+
+    def total(self) -> int:
+        return self.rows
+
+
+def _start_tally() -> None:
+    """Create the tally actor in the driver (idempotent); only sources that skip rows need it."""
+    import ray
+
+    ray.remote(num_cpus=0)(_NonfiniteTally).options(
+        name=_TALLY_NAME, get_if_exists=True).remote()
+
+
+def skipped_nonfinite_rows() -> int:
+    """Rows dropped so far by ``on_nonfinite="skip"`` in this Ray job, over every execution.
+
+    ``pipeline.stats.compute_stats`` reports the difference over its own pass.
+    """
+    import ray
+
+    try:
+        tally = ray.get_actor(_TALLY_NAME)
+    except ValueError:
+        return 0
+    return int(ray.get(tally.total.remote()))
+
+
 def _check_rows(features: np.ndarray, ids: np.ndarray, where: str,
                 on_nonfinite: str) -> np.ndarray:
     """Boolean mask of rows to keep; raises on non-finite rows unless skipping."""
@@ -104,6 +143,10 @@ def _check_rows(features: np.ndarray, ids: np.ndarray, where: str,
             "this block); fix the data or pass on_nonfinite='skip' (--on-nonfinite skip)")
     logger.warning("%s: skipped %d row(s) with NaN or infinity: %s", where, len(bad),
                    ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else ""))
+    import ray
+
+    # Blocking on purpose: the count must be in before this block reaches the consumer.
+    ray.get(ray.get_actor(_TALLY_NAME).add.remote(int(len(bad))))
     return finite
 
 
@@ -184,7 +227,7 @@ def _feature_matrix(table: pa.Table, spec: SourceSpec, where: str, ids: np.ndarr
             col = table.column(name)
             if col.null_count:
                 row = ids[np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]]
-                raise DataValidationError(f"{where}: column {name!r} is null at row id {row!r}")
+                raise DataValidationError(f"{where}: column {name!r} is null at row id {_show(row)}")
             if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
                     or pa.types.is_boolean(col.type)):
                 raise DataValidationError(f"{where}: column {name!r} has type {col.type}; "
@@ -195,7 +238,7 @@ def _feature_matrix(table: pa.Table, spec: SourceSpec, where: str, ids: np.ndarr
     col = table.column(spec.column).combine_chunks()
     if col.null_count:
         row = ids[np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]]
-        raise DataValidationError(f"{where}: column {spec.column!r} is null at row id {row!r}")
+        raise DataValidationError(f"{where}: column {spec.column!r} is null at row id {_show(row)}")
     if isinstance(col, pa.ExtensionArray):
         col = col.storage
     n = len(col)
@@ -209,7 +252,7 @@ def _feature_matrix(table: pa.Table, spec: SourceSpec, where: str, ids: np.ndarr
             bad = int(np.flatnonzero(lengths != width)[0])
             raise DataValidationError(
                 f"{where}: column {spec.column!r} has a list of length {int(lengths[bad])} at "
-                f"row id {ids[bad]!r}; expected {width} (the length of the slice's first row)")
+                f"row id {_show(ids[bad])}; expected {width} (the length of the slice's first row)")
         values = col.flatten()
     else:
         raise DataValidationError(
