@@ -29,20 +29,24 @@ def cvae_home() -> Path:
     return Path(os.environ.get("CVAE_HOME", "cvae_runs")).expanduser().resolve()
 
 
+def _embedded_uri() -> str:
+    return f"sqlite:///{cvae_home() / 'mlflow.db'}"
+
+
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store under ``cvae_home()``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    home = cvae_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    cvae_home().mkdir(parents=True, exist_ok=True)
+    return _embedded_uri()
 
 
 def _default_artifact_location(experiment: str) -> str | None:
     """Artifacts of the embedded store go under cvae_home(), not MLflow's CWD-relative ./mlruns."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None  # a server decides (its --default-artifact-root)
+    # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare values, not presence.)
+    if tracking_uri() != _embedded_uri():
+        return None  # a server or another store decides (e.g. --default-artifact-root)
     return (cvae_home() / "artifacts" / experiment).as_uri()
 
 
