@@ -111,11 +111,12 @@ def training_curves_figure(history: Sequence[dict[str, float]],
     ax.plot(steps, [h["val_loss"] for h in history], label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("negative ELBO")
-    ax.set_yscale("symlog")
     ax.legend(loc="upper left")
     lr_ax = ax.twinx()
-    lr_ax.plot(steps, [h["learning_rate"] for h in history], color="grey", ls="--", label="lr")
+    lr_ax.plot(steps, [h["learning_rate"] for h in history], color="grey", ls="--",
+               label="learning rate")
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate")
+    lr_ax.legend(loc="upper right")
     _save(fig, filename)
     return fig

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not ray.is_initialized():
         ray.init()
-    train_config = TrainConfig(num_steps=300 if args.smoke else 6000, test_every=50,
+    train_config = TrainConfig(num_steps=300 if args.smoke else 12000, test_every=50,
                                checkpoint_every=150 if args.smoke else 1000, seed=0)
     result = run_distributed_training(
         SourceSpec(path=str(tree)),

@@ -243,11 +243,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     valid_shard = ray.train.get_dataset_shard("valid")
     mean = torch.from_numpy(normalizer.mean).to(device)
     scale = torch.from_numpy(normalizer.scale).to(device)
+    cached_valid: list[torch.Tensor] | None = None
+    if loop_config.get("cache_shard"):
+        # Small data: hold this worker's validation rows instead of re-streaming them each time.
+        cached_valid = [(b["features"] - mean) / scale for b in valid_shard.iter_torch_batches(
+            batch_size=train_config.batch_size_test, dtypes=torch.float32, device=device)]
 
     def evaluate() -> ValidationResult:
         bare.eval()
-        rows_iter = ((b["features"] - mean) / scale for b in valid_shard.iter_torch_batches(
-            batch_size=train_config.batch_size_test, dtypes=torch.float32, device=device))
+        rows_iter = iter(cached_valid) if cached_valid is not None else (
+            (b["features"] - mean) / scale for b in valid_shard.iter_torch_batches(
+                batch_size=train_config.batch_size_test, dtypes=torch.float32, device=device))
         loss, recon, kl, rows = evaluate_batches(bare, rows_iter, seed=rank)
         bare.train()
         loss, recon, kl, rows = _all_reduce_sums([loss, recon, kl, float(rows)], device)
