@@ -175,7 +175,10 @@ def _read(source: SourceSpec, on_error: str, errors_dir: Path) -> Any:
     if on_error == "fail" or not is_tree:
         spec = source if on_error == "fail" else SourceSpec(
             source.path, source.column, source.columns, source.id_column, "skip")
-        return read_source(spec).select_columns(["id", "features"])
+        # No select_columns here: a separate projection task would ask for a whole CPU, which
+        # actors holding CPU fractions on every node can leave nobody (the Embedder ignores
+        # extra columns such as a tree's label).
+        return read_source(spec)
     files = _list_npy(path)
     first, expected = _first_npy(path, files)
     items = ray.data.from_items([{"path": p} for p in files],

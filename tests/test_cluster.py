@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,15 +30,21 @@ def _free_port() -> int:
 def two_node_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     # Ray's socket paths must stay short (AF_UNIX limit of 107 bytes): not pytest's tmp_path.
     temp_dir = Path(f"/tmp/rc{os.getpid()}")
+    # Each node gets its own temp dir, as separate machines would: nodes sharing one would share
+    # the runtime_env cache, and one node's agent deletes the working_dir under the other's job.
+    worker_temp_dir = Path(f"/tmp/rc{os.getpid()}w")
     gcs_port, dash_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The nodes run job entrypoints (`python -m jobs...`) with this virtualenv, as a cluster
+    # whose nodes have cvae's dependencies installed would.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--num-cpus=1", '--resources={"head_node": 1}', f"--temp-dir={temp_dir}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash_port}", "--disable-usage-stats"]
     worker = [RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-              "--num-cpus=1", '--resources={"second_node": 1}']
+              "--num-cpus=1", '--resources={"second_node": 1}', f"--temp-dir={worker_temp_dir}"]
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=120)
@@ -45,6 +52,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(worker_temp_dir, ignore_errors=True)
 
 
 def _wait(client: object, job_id: str, timeout: float) -> str:
@@ -89,7 +97,8 @@ def test_train_and_embed_jobs_on_a_two_node_cluster(two_node_cluster: dict[str, 
     status = _wait(client, train_id, 400)
     logs = client.get_job_logs(train_id)
     assert status == "SUCCEEDED", logs[-4000:]
-    summary = json.loads(logs[logs.index("{"):logs.rindex("}") + 1])
+    # The job prints its summary as indented JSON: a "{" line through a "}" line.
+    summary = json.loads(re.search(r"^\{$.*?^\}$", logs, re.MULTILINE | re.DOTALL).group(0))
     assert summary["step"] == 100
 
     embed_out = tmp_path / "embeddings"

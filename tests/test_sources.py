@@ -118,7 +118,7 @@ def test_array_source(ray_session: Any, matrix: np.ndarray) -> None:
 # ---------------------------------------------------------------------------- bad input
 def test_file_with_another_shape(ray_session: Any, tree: Path) -> None:
     np.save(tree / "class0" / "odd.npy", np.zeros(4, np.float32))
-    with pytest.raises(DataValidationError, match=r"odd\.npy: shape \(4,\), expected \(6,\)"):
+    with pytest.raises(DataValidationError, match=r"odd\.npy: shape \(4,\) dtype float32, expected shape \(6,\)"):
         _rows(read_source(SourceSpec(str(tree))))
 
 
