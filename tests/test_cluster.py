@@ -39,20 +39,52 @@ def two_node_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    def own_ports() -> list[str]:
+        # Every port a node listens on, free: the test session's own Ray runtime holds the
+        # defaults (a second dashboard agent on its port leaves the cluster unable to take jobs).
+        return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--num-cpus=1", '--resources={"head_node": 1}', f"--temp-dir={temp_dir}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash_port}", "--disable-usage-stats"]
+            f"--dashboard-port={dash_port}", "--disable-usage-stats", *own_ports()]
     worker = [RAY, "start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1",
-              "--num-cpus=1", '--resources={"second_node": 1}', f"--temp-dir={worker_temp_dir}"]
+              "--num-cpus=1", '--resources={"second_node": 1}', f"--temp-dir={worker_temp_dir}",
+              *own_ports()]
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=120)
         yield {"gcs": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash_port}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_processes_under(temp_dir, worker_temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(worker_temp_dir, ignore_errors=True)
+
+
+def _stop_processes_under(*dirs: Path) -> None:
+    """Stop this cluster's processes only (`ray stop` would also stop the session's runtime)."""
+    import psutil
+
+    marks = [str(d) for d in dirs]
+    victims = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(mark in cmdline for mark in marks):
+            victims.append(proc)
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def _wait(client: object, job_id: str, timeout: float) -> str:
