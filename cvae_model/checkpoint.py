@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "replace_directory",
     "save_checkpoint",
     "write_checkpoint_to_logdir",
 ]
@@ -111,19 +113,26 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
         with open(tmp / NORMALIZATION_FILE, "wb") as f:
             np.savez(f, **checkpoint.normalizer.to_arrays())
         torch.save(checkpoint.train_state.to_dict(), tmp / STATE_FILE)
-        if target.exists():
-            # Replace an older version of the same checkpoint: move it aside first so that at every
-            # moment one complete copy exists.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the complete directory ``source`` to ``target``, replacing any older ``target``.
+
+    The old one is renamed aside first and deleted last, so at every moment a complete copy
+    exists at one of the two names (a rename within a filesystem is atomic).
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cvae_model.checkpoint import replace_directory
 from pipeline.sources import DataValidationError, SourceSpec, raise_data_errors
 
 __all__ = ["Decoder", "EmbedConfig", "EmbedSummary", "Embedder", "OutputExistsError",
@@ -207,13 +208,7 @@ def write_parquet_atomically(output: Path, overwrite: bool) -> tuple[Path, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
 
     def commit() -> None:
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        replace_directory(tmp, output)
 
     return tmp, commit
 

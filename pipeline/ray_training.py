@@ -28,7 +28,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cvae_model.checkpoint import Checkpoint, TrainState, load_checkpoint, save_checkpoint
+from cvae_model.checkpoint import (
+    Checkpoint,
+    TrainState,
+    load_checkpoint,
+    replace_directory,
+    save_checkpoint,
+)
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.data import ArrayData
 from cvae_model.normalization import Normalizer
@@ -429,11 +435,10 @@ def run_distributed_training(
     local = cvae_home() / "models" / run_name
     with result.checkpoint.as_directory() as directory:
         src = Path(directory) / "checkpoint"
-        tmp_copy = local.with_name(f".{local.name}.tmp")
+        tmp_copy = local.with_name(f".{local.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp_copy, ignore_errors=True)
         shutil.copytree(src if src.is_dir() else directory, tmp_copy)
-        shutil.rmtree(local, ignore_errors=True)
-        tmp_copy.replace(local)
+        replace_directory(tmp_copy, local)
     final = load_checkpoint(local)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float))}

@@ -14,6 +14,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 
 from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -30,3 +31,12 @@ def ray_session() -> Iterator[object]:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def cvae_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own embedded MLflow store and job outputs (``CVAE_HOME``)."""
+    monkeypatch.setenv("CVAE_HOME", str(tmp_path / "home"))
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: drop an earlier test's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"

@@ -24,15 +24,8 @@ from pipeline.inference import EmbedConfig, OutputExistsError, run_bulk_embeddin
 from pipeline.sources import DataValidationError, SourceSpec
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("cvae_home")]
 D = 16
-
-
-@pytest.fixture(autouse=True)
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CVAE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path / "home"
 
 
 @pytest.fixture(scope="module")

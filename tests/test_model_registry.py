@@ -34,14 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture()
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An embedded MLflow store of this test's own."""
-    monkeypatch.setenv("CVAE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path / "home"
-
-
 @pytest.fixture(scope="module")
 def data() -> np.ndarray:
     return np.random.default_rng(0).normal(size=(300, 10)).astype(np.float32)
@@ -70,12 +62,12 @@ def _embed_in_fresh_process(uri: str, X: np.ndarray, tmp: Path, env: dict[str, s
     return np.load(tmp / "z.npy")
 
 
-def test_register_alias_and_load_by_alias_in_a_fresh_process(store: Path, tmp_path: Path,
+def test_register_alias_and_load_by_alias_in_a_fresh_process(cvae_home: Path, tmp_path: Path,
                                                              data: np.ndarray) -> None:
     model = _trained(data, tmp_path / "a", seed=0)
     version = _publish(model, tmp_path, "embedder", ["champion", "candidate"])
     assert version == "1"
-    env = {**os.environ, "CVAE_HOME": str(store)}
+    env = {**os.environ, "CVAE_HOME": str(cvae_home)}
     z = _embed_in_fresh_process("models:/embedder@champion", data, tmp_path, env)
     assert np.array_equal(z, model.embed(data))  # bit-identical
 
@@ -86,7 +78,7 @@ def test_register_alias_and_load_by_alias_in_a_fresh_process(store: Path, tmp_pa
     assert np.array_equal(restored.decode(z[:5]), model.decode(z[:5]))
 
 
-def test_moving_the_alias_changes_what_loads(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_moving_the_alias_changes_what_loads(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     first = _trained(data, tmp_path / "a", seed=0)
     second = _trained(data, tmp_path / "b", seed=1)
     _publish(first, tmp_path, "embedder", ["champion"])
@@ -100,7 +92,7 @@ def test_moving_the_alias_changes_what_loads(store: Path, tmp_path: Path, data: 
     assert describe_version("embedder", "champion").version == "1"
 
 
-def test_pyfunc_predicts_on_ndarray_and_dataframe(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_pyfunc_predicts_on_ndarray_and_dataframe(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     model = _trained(data, tmp_path / "a", seed=0)
     _publish(model, tmp_path, "embedder", ["champion"])
     pyfunc = mlflow.pyfunc.load_model("models:/embedder@champion")
@@ -114,25 +106,25 @@ def test_pyfunc_predicts_on_ndarray_and_dataframe(store: Path, tmp_path: Path, d
         pyfunc.predict(np.zeros((3, 7), np.float32))
 
 
-def test_unknown_model_lists_the_registered_ones(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_unknown_model_lists_the_registered_ones(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     _publish(_trained(data, tmp_path / "a", seed=0), tmp_path, "embedder", ["champion"])
     with pytest.raises(ModelNotFoundError, match=r"No registered model 'embeder'; registered models: embedder"):
         CompressionVAE.load("models:/embeder@champion")
 
 
-def test_unknown_alias_lists_the_aliases(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_unknown_alias_lists_the_aliases(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     _publish(_trained(data, tmp_path / "a", seed=0), tmp_path, "embedder", ["champion"])
     with pytest.raises(ModelNotFoundError, match=r"has no alias 'prod'; aliases: champion"):
         download_checkpoint("models:/embedder@prod")
 
 
-def test_unknown_version_lists_the_versions(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_unknown_version_lists_the_versions(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     _publish(_trained(data, tmp_path / "a", seed=0), tmp_path, "embedder", ["champion"])
     with pytest.raises(ModelNotFoundError, match=r"has no version 9; versions: 1"):
         download_checkpoint("models:/embedder/9")
 
 
-def test_missing_artifacts_are_named(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_missing_artifacts_are_named(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     experiment = ensure_experiment("registry-test")
     run = mlflow.MlflowClient().create_run(experiment)
     with pytest.raises(ModelNotFoundError, match=rf"runs:/{run.info.run_id}/model: could not download"):
@@ -182,11 +174,11 @@ def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
 
 
 @pytest.mark.slow
-def test_the_same_flow_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path,
-                                                    data: np.ndarray) -> None:
+def test_the_same_flow_against_a_real_mlflow_server(cvae_home: Path, mlflow_server: str,
+                                                    tmp_path: Path, data: np.ndarray) -> None:
     model = _trained(data, tmp_path / "a", seed=0)
     assert _publish(model, tmp_path, "served", ["champion"]) == "1"
-    assert not (tmp_path / "home").exists()  # nothing went to the embedded store
+    assert not (cvae_home / "mlflow.db").exists()  # nothing went to the embedded store
     assert list((tmp_path / "server-artifacts").rglob("model.pt"))  # the server holds the files
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     z = _embed_in_fresh_process("models:/served@champion", data, tmp_path, env)
@@ -194,7 +186,7 @@ def test_the_same_flow_against_a_real_mlflow_server(mlflow_server: str, tmp_path
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_invocations(store: Path, tmp_path: Path, data: np.ndarray) -> None:
+def test_mlflow_models_serve_answers_invocations(cvae_home: Path, tmp_path: Path, data: np.ndarray) -> None:
     model = _trained(data, tmp_path / "a", seed=0)
     _publish(model, tmp_path, "served", ["champion"])
     port = _free_port()

@@ -32,13 +32,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 MODEL_ARGS = {"dim_latent": 2, "iaf_flow_length": 2, "cells_encoder": (32, 16)}
 
 
-@pytest.fixture()
-def cvae_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("CVAE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path / "home"
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     X, y = load_digits(return_X_y=True)
