@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "mlflow_run_id": result.run_id,
         "registered_model": model_uri,
         "registered_version": str(version),
-        "final_metrics": {k: round(v, 4) for k, v in sorted(result.metrics.items())},
+        "final_metrics": {k: float(f"{v:.6g}") for k, v in sorted(result.metrics.items())},
         "knn10_accuracy_of_embedding": round(knn, 4),
         "embeddings_parquet": str(embeddings_dir),
         "embedded_rows": summary.rows_out,

@@ -104,6 +104,8 @@ class Embedder:
         import torch
 
         features = np.ascontiguousarray(batch["features"], dtype=np.float32)
+        if not features.flags.writeable:  # Arrow-backed batches are read-only views
+            features = features.copy()
         with torch.inference_mode():
             x = (torch.from_numpy(features).to(self.device) - self.mean) / self.scale
             z = self.model.embed(x)

@@ -20,6 +20,8 @@ from cvae_model.normalization import FeatureStats, Normalizer
 
 __all__ = ["StreamingData"]
 
+_CACHE_BYTES = 512 * 1024**2
+
 
 def _as_source(value: Any) -> Any:
     from pipeline.sources import SourceSpec
@@ -61,10 +63,15 @@ class StreamingData:
             train, valid = split_by_id(dataset, train_valid_split, seed=seed)
         train = train.select_columns(["features"])
         valid = valid.select_columns(["features"])
-        stats = compute_stats(train)
-        if stats.count == 0:
+        try:
+            stats = compute_stats(train)
+        except ValueError as exc:
             raise ValueError(f"The training split of {source} is empty (train_valid_split="
-                             f"{train_valid_split})")
+                             f"{train_valid_split}): {exc}") from exc
+        if stats.count * stats.mean.shape[0] * 4 < _CACHE_BYTES:
+            # Small enough to cache: epochs then replay a reproducible order (resume relies on it)
+            # without re-reading the files.
+            train = train.materialize()
         found = int(stats.mean.shape[0])
         if dim_feature is not None and found != dim_feature:
             raise ValueError(f"X has {found} features, but CompressionVAE is expecting "

@@ -344,9 +344,7 @@ def run_distributed_training(
         train_ds, valid_ds = split_by_id(dataset, train_valid_split, seed=train_config.seed or 0)
     train_ds = train_ds.select_columns(["features"])
     valid_ds = valid_ds.select_columns(["features"])
-    stats = compute_stats(train_ds)
-    if stats.count == 0:
-        raise ValueError(f"The training split of {source!r} is empty")
+    stats = compute_stats(train_ds)  # raises, naming the source, when the split is empty
     if initial_checkpoint is not None:
         initial = load_checkpoint(initial_checkpoint)
         model_config, normalizer = initial.model_config, initial.normalizer
