@@ -1,4 +1,7 @@
-"""Ray Data ingestion: .npy trees, parquet layouts, validation errors, statistics, split."""
+"""Ray Data ingestion: one test per kind of bad input, and the estimator trained from a path.
+
+(Layouts, statistics and the split: tests/test_data_sources.py, tests/test_data_stats_split.py.)
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import (
-    DataValidationError,
-    SourceSpec,
-    feature_dim,
-    iter_feature_batches,
-    raise_data_errors,
-    read_source,
-)
-from pipeline.split import is_train_row, split_by_id
-from pipeline.stats import compute_stats
+from pipeline.sources import DataValidationError, SourceSpec, raise_data_errors, read_source
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,25 +39,6 @@ def tree(tmp_path: Path, matrix: np.ndarray) -> Path:
     return root
 
 
-def test_nested_tree_of_2000_files(ray_session: Any, tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    root = tmp_path / "big"
-    expected = {}
-    for i in range(2000):
-        rel = f"a{i % 7}/b{i % 3}/{'c/' if i % 5 == 0 else ''}{i}.npy"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        row = rng.normal(size=12).astype(np.float32)
-        np.save(root / rel, row)
-        expected[rel] = row
-    rows = _rows(read_source(SourceSpec(str(root))))
-    assert set(rows) == set(expected)
-    for rel, row in rows.items():
-        assert np.array_equal(row["features"], np.load(root / rel))
-        assert row["features"].dtype == np.float32
-        assert row["label"] == rel.rsplit("/", 1)[0]
-    assert feature_dim(SourceSpec(str(root))) == 12
-
-
 def _write_layouts(folder: Path, matrix: np.ndarray) -> dict[str, SourceSpec]:
     folder.mkdir()
     n, d = matrix.shape
@@ -83,36 +58,6 @@ def _write_layouts(folder: Path, matrix: np.ndarray) -> dict[str, SourceSpec]:
         "scalars": SourceSpec(str(folder / "scalars.parquet"),
                               columns=tuple(f"f{j}" for j in range(d)), id_column="key"),
     }
-
-
-def test_parquet_layouts_give_identical_features(ray_session: Any, tmp_path: Path,
-                                                 matrix: np.ndarray) -> None:
-    specs = _write_layouts(tmp_path / "pq", matrix)
-    for name, spec in specs.items():
-        rows = _rows(read_source(spec))
-        assert len(rows) == len(matrix), name
-        got = np.stack([rows[f"row-{i}"]["features"] for i in range(len(matrix))])
-        assert got.dtype == np.float32
-        assert np.array_equal(got, matrix), name
-        assert feature_dim(spec) == matrix.shape[1]
-
-
-def test_ray_tensor_extension_and_default_row_position_ids(ray_session: Any, tmp_path: Path,
-                                                           matrix: np.ndarray) -> None:
-    import ray
-
-    out = tmp_path / "ray_written"
-    ray.data.from_numpy(matrix).repartition(3).write_parquet(str(out))
-    rows = _rows(read_source(SourceSpec(str(out), column="data")))
-    assert sorted(rows) == list(range(len(matrix)))  # positions across all files
-    got = np.stack([rows[i]["features"] for i in range(len(matrix))])
-    # Files are read in path order; the rows as a set are the matrix's.
-    assert sorted(map(tuple, got)) == sorted(map(tuple, matrix))
-
-
-def test_array_source(ray_session: Any, matrix: np.ndarray) -> None:
-    rows = _rows(read_source(matrix))
-    assert np.array_equal(np.stack([rows[i]["features"] for i in range(len(matrix))]), matrix)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -200,47 +145,6 @@ def test_non_numeric_column(ray_session: Any, tmp_path: Path) -> None:
 def test_missing_path(ray_session: Any, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"No such file or directory: .*nowhere"):
         read_source(SourceSpec(str(tmp_path / "nowhere")))
-
-
-# ---------------------------------------------------------------------------- stats, split
-def test_statistics_match_numpy_float64(ray_session: Any) -> None:
-    rng = np.random.default_rng(2)
-    # Large offsets make naive sums of squares cancel; the pairwise merge must not.
-    data = (rng.normal(size=(200_000, 8)) * rng.uniform(0.1, 10, 8) + 1e4).astype(np.float32)
-    stats = compute_stats(read_source(data).repartition(13))
-    reference = data.astype(np.float64)
-    assert stats.count == 200_000
-    np.testing.assert_allclose(stats.mean, reference.mean(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(stats.std, reference.std(axis=0), rtol=1e-6)
-
-
-def test_split_is_stable_across_block_layouts(ray_session: Any, matrix: np.ndarray) -> None:
-    dataset = read_source(matrix)
-    layouts = []
-    for blocks in (1, 7):
-        train, valid = split_by_id(dataset.repartition(blocks), 0.8, seed=3)
-        layouts.append((sorted(r["id"] for r in train.take_all()),
-                        sorted(r["id"] for r in valid.take_all())))
-    assert layouts[0] == layouts[1]
-    train_ids, valid_ids = layouts[0]
-    assert len(train_ids) + len(valid_ids) == len(matrix) and not set(train_ids) & set(valid_ids)
-    assert 0.74 < len(train_ids) / len(matrix) < 0.86
-    mask = is_train_row(np.arange(len(matrix)), 0.8, seed=3)
-    assert sorted(np.flatnonzero(mask).tolist()) == train_ids
-    assert not np.array_equal(mask, is_train_row(np.arange(len(matrix)), 0.8, seed=4))
-
-
-def test_iter_feature_batches_covers_every_row_once_per_epoch(ray_session: Any,
-                                                              matrix: np.ndarray) -> None:
-    dataset = read_source(matrix).repartition(5).materialize()
-    epochs = []
-    for epoch in range(2):
-        batches = list(iter_feature_batches(dataset, 64, seed=0, epoch=epoch))
-        assert all(b.shape[1] == 6 and b.dtype == np.float32 for b in batches)
-        rows = np.concatenate(batches)
-        assert sorted(map(tuple, rows)) == sorted(map(tuple, matrix))
-        epochs.append(rows)
-    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled
 
 
 @pytest.mark.slow
