@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -508,9 +507,3 @@ class CompressionVAE:
         self._fitted_model()
         assert self.model_config_ is not None
         return self.model_config_
-
-    def with_train_config(self, **changes: Any) -> TrainConfig:
-        """The last training configuration with ``changes`` applied (used by the Ray launcher)."""
-        return replace(self.train_config_ or TrainConfig(batch_size=self.batch_size,
-                                                         batch_size_test=self.batch_size_test),
-                       **changes)
