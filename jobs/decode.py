@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from pipeline.inference import run_bulk_decoding
+    from pipeline.inference import OutputExistsError, run_bulk_decoding
+    from pipeline.registry import ModelNotFoundError
+    from pipeline.sources import DataValidationError
 
-    rows = run_bulk_decoding(args.model, args.latents, args.output, column=args.column,
-                             npy_dir=args.npy_dir, overwrite=args.overwrite,
-                             num_actors=args.num_actors, batch_size=args.batch_size)
+    try:
+        rows = run_bulk_decoding(args.model, args.latents, args.output, column=args.column,
+                                 npy_dir=args.npy_dir, overwrite=args.overwrite,
+                                 num_actors=args.num_actors, batch_size=args.batch_size)
+    except (OutputExistsError, ModelNotFoundError, DataValidationError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"rows": rows, "output": args.output, "npy_dir": args.npy_dir}))
     return 0
 

@@ -5,7 +5,8 @@
 
 Output: parquet with ``id`` and ``embedding`` (plus ``neg_elbo`` and ``reconstruction_error``
 with ``--with-score``), ``_manifest.json``, and ``_errors.parquet`` for files skipped with
-``--on-error skip``. The output appears only when complete.
+``--on-error skip``. The output appears only when complete. Exit status 0 with the summary as
+JSON on stdout; 2 with a one-line error (existing output, unknown model, bad data).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--with-score", action="store_true",
                         help="add per-row negative ELBO and reconstruction error")
+    parser.add_argument("--score-samples", type=int, default=8,
+                        help="Monte-Carlo samples per row for the negative ELBO (fixed seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                         help="a bad input file: fail naming it, or list it in _errors.parquet")
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EmbedConfig(model_uri=args.model, source=source_from_args(args), output=args.output,
                          batch_size=args.batch_size, num_actors=args.num_actors,
                          use_gpu=args.use_gpu, with_score=args.with_score,
+                         score_samples=args.score_samples,
                          overwrite=args.overwrite, on_error=args.on_error,
                          experiment=args.experiment)
     try:
