@@ -3,23 +3,31 @@
     cvae models list                       registered models, their versions and aliases
     cvae models alias NAME ALIAS VERSION   set or move an alias (roll back by moving it back)
     cvae models show NAME VERSION|ALIAS    a version's metrics, source run and aliases
+
+The store is ``$MLFLOW_TRACKING_URI`` (a server or a database), else the embedded SQLite store
+under ``$CVAE_HOME`` (default ./cvae_runs). ``--json`` prints machine-readable output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import asdict
+from typing import Any
 
 from jobs.arguments import setup_logging
 
 __all__ = ["main"]
 
+logger = logging.getLogger("cvae.jobs.models")
 
-def main(argv: list[str] | None = None) -> int:
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvae models", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="registered models, versions and aliases")
     alias = commands.add_parser("alias", help="set or move an alias")
@@ -29,25 +37,53 @@ def main(argv: list[str] | None = None) -> int:
     show = commands.add_parser("show", help="a version's metrics, source run and aliases")
     show.add_argument("name")
     show.add_argument("version", metavar="VERSION_OR_ALIAS")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _version_text(info: Any) -> str:
+    lines = [f"models:/{info.name}/{info.version}  ({info.status})",
+             f"  aliases:    {', '.join(info.aliases) or '(none)'}",
+             f"  source run: {info.run_id or '(none)'}",
+             f"  source:     {info.source}"]
+    lines += [f"  {key}: {value:.6g}" for key, value in sorted(info.metrics.items())]
+    return "\n".join(lines)
+
+
+def _list_text(models: list[Any]) -> str:
+    if not models:
+        return "no registered models"
+    lines = []
+    for model in models:
+        lines.append(f"{model.name}")
+        for version in model.versions:
+            aliases = f"  @{', @'.join(version.aliases)}" if version.aliases else ""
+            val = version.metrics.get("val_loss")
+            metric = f"  val_loss={val:.6g}" if val is not None else ""
+            lines.append(f"  version {version.version}{aliases}{metric}  run {version.run_id}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     setup_logging(verbose=False)
 
     from pipeline.registry import ModelNotFoundError, describe_version, list_models, set_alias
+    from pipeline.tracking import tracking_uri
 
+    logger.info("model registry at %s", tracking_uri())
     try:
         if args.command == "list":
             models = list_models()
-            if not models:
-                print("no registered models")
-            for model in models:
-                aliases = ", ".join(f"{a}->v{v}" for a, v in model["aliases"].items()) or "none"
-                print(f"{model['name']}: versions {', '.join(model['versions'])}; aliases {aliases}")
+            print(json.dumps([asdict(m) for m in models], indent=2) if args.json
+                  else _list_text(models))
         elif args.command == "alias":
-            set_alias(args.name, args.alias, args.version)
-            print(f"models:/{args.name}@{args.alias} -> version {args.version}")
+            info = set_alias(args.name, args.alias, args.version)
+            print(json.dumps(asdict(info), indent=2) if args.json
+                  else f"models:/{args.name}@{args.alias} -> version {info.version}")
         else:
-            print(json.dumps(asdict(describe_version(args.name, args.version)), indent=2))
-    except ModelNotFoundError as exc:
+            info = describe_version(args.name, args.version)
+            print(json.dumps(asdict(info), indent=2) if args.json else _version_text(info))
+    except (ModelNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,16 +1,18 @@
 """The MLflow pyfunc wrapper of a cvae model, logged as "models from code".
 
-MLflow stores this file's source with the model and runs it at load time; ``load_context``
-rebuilds the VAE from the checkpoint artifact (``config.json``, ``model.pt`` loaded with
-``weights_only=True``, ``normalization.npz``). No pickled instance of any cvae class is in the
-load path.
+MLflow stores this file's source with the model and executes it at load time (it ends with
+``mlflow.models.set_model``); ``load_context`` then rebuilds the VAE from the checkpoint artifact
+(``config.json``, ``model.pt`` loaded with ``weights_only=True``, ``normalization.npz``). No
+pickled instance of any cvae class is in the load path.
 
-``predict`` embeds rows (numpy array or DataFrame with one column per feature). Decoding is
-reached through the unwrapped model::
+``predict`` takes a 2-D float32 numpy array or a DataFrame with one column per feature::
 
     model = mlflow.pyfunc.load_model("models:/NAME@ALIAS")
-    z = model.predict(X)
-    X_back = model.unwrap_python_model().decode(z)
+    z = model.predict(X)                                    # (n, dim_latent) embeddings
+    X_back = model.predict(z, params={"output": "decode"})  # (n, dim_feature) features
+
+Over HTTP (``mlflow models serve``) the same choice is ``{"inputs": [[...]], "params":
+{"output": "decode"}}``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-__all__ = ["CVAEPyfunc"]
+__all__ = ["OUTPUTS", "CVAEPyfunc"]
+
+OUTPUTS = ("embed", "decode")
+"""Values of the ``output`` parameter of ``predict``; ``embed`` is the default."""
 
 
 class CVAEPyfunc(PythonModel):
-    """Embeds rows of features; ``decode`` maps latent rows back to features."""
+    """Embeds rows of features, or (``params={"output": "decode"}``) decodes latent rows."""
 
     def load_context(self, context: PythonModelContext) -> None:
         from cvae_model.checkpoint import load_checkpoint
@@ -36,34 +41,52 @@ class CVAEPyfunc(PythonModel):
         self.normalizer = checkpoint.normalizer
         self.config = checkpoint.model_config
 
-    def _features(self, model_input: Any) -> np.ndarray:
-        from cvae_model.validation import check_features
-
+    @staticmethod
+    def _as_array(model_input: Any) -> Any:
         if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor input
             model_input = next(iter(model_input.values()))
         if isinstance(model_input, pd.DataFrame):
             model_input = model_input.to_numpy()
-        return check_features(model_input, "X", self.config.dim_feature)
+        return model_input
 
-    def predict(self, context: PythonModelContext | None, model_input: Any,
+    # The hint is exactly np.ndarray on purpose: MLflow derives (and enforces) an input schema
+    # from other predict hints, and warns at every import about a missing or unusable one
+    # (Any, a Union); for ndarray and DataFrame it does neither. DataFrames arrive too.
+    def predict(self, context: PythonModelContext | None, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> np.ndarray:
-        """Embeddings, float32 array of shape (n_rows, dim_latent)."""
+        """Embeddings (n, dim_latent) of feature rows, or features (n, dim_feature) of latent
+        rows when ``params["output"] == "decode"``; float32 either way.
+
+        ``model_input``: a 2-D array, or a DataFrame with one numeric column per feature.
+        """
+        output = (params or {}).get("output") or "embed"
+        if output == "embed":
+            return self.embed(self._as_array(model_input))
+        if output == "decode":
+            return self.decode(self._as_array(model_input))
+        raise ValueError(f"The 'output' parameter must be one of {', '.join(OUTPUTS)}; "
+                         f"got {output!r}.")
+
+    def embed(self, X: Any) -> np.ndarray:
+        """Embeddings of feature rows X, shape (n_rows, n_features) -> (n_rows, dim_latent)."""
         import torch
 
-        x = self.normalizer.transform(self._features(model_input))
+        from cvae_model.validation import check_features
+
+        x = self.normalizer.transform(check_features(X, "X", self.config.dim_feature))
         with torch.inference_mode():
             return self.model.embed(torch.from_numpy(x)).numpy()
 
     def decode(self, z: Any) -> np.ndarray:
-        """Features reconstructed from latent rows, shape (n_rows, n_features)."""
+        """Features reconstructed from latent rows, shape (n_rows, dim_latent) -> (n_rows, n_features)."""
         import torch
 
         from cvae_model.validation import check_latents
 
-        latents = check_latents(np.asarray(z), self.config.dim_latent)
+        latents = check_latents(z, self.config.dim_latent)
         with torch.inference_mode():
             x = self.model.decode(torch.from_numpy(latents)).numpy()
-        return self.normalizer.inverse_transform(x)
+        return self.normalizer.inverse_transform(x).astype(np.float32, copy=False)
 
 
 mlflow.models.set_model(CVAEPyfunc())

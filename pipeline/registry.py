@@ -1,9 +1,20 @@
 """The MLflow model registry: log a checkpoint as a pyfunc model, register, alias, find again.
 
-A registered cvae model is an MLflow pyfunc model (``pipeline/pyfunc_model.py``, logged as code)
-whose artifact ``checkpoint`` is a cvae checkpoint directory, so ``CompressionVAE.load`` and
-``mlflow.pyfunc.load_model`` read the same files. References: ``models:/NAME@ALIAS``,
-``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``, or a local directory.
+A registered cvae model is an MLflow pyfunc model (``pipeline/pyfunc_model.py``, logged as
+"models from code") whose artifact ``checkpoint`` is a cvae checkpoint directory, so
+``CompressionVAE.load`` and ``mlflow.pyfunc.load_model`` read the same files. References that
+``download_checkpoint`` accepts: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+``runs:/RUN_ID/PATH`` (an artifact folder of the run, or a model logged in the run under that
+name), ``models:/m-<id>`` (a logged model), or a local directory.
+
+Example (inside an active run)::
+
+    info = log_cvae_model(estimator.save("ckpt"))
+    version = register(info.model_uri, "embedder", ["champion"], metrics={"val_loss": 0.42})
+    CompressionVAE.load("models:/embedder@champion")
+
+Every function uses ``pipeline.tracking.tracking_uri()``: the embedded SQLite store by default,
+the server named by ``MLFLOW_TRACKING_URI`` otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +35,9 @@ import numpy as np
 from cvae_model.checkpoint import CHECKPOINT_FILES, load_checkpoint
 
 __all__ = [
+    "METRIC_TAG_PREFIX",
     "ModelNotFoundError",
+    "ModelSummary",
     "VersionInfo",
     "describe_version",
     "download_checkpoint",
@@ -38,24 +53,49 @@ logger = logging.getLogger("cvae.registry")
 
 PYFUNC_SOURCE = Path(__file__).with_name("pyfunc_model.py")
 MODEL_ARTIFACT = "model"
+CHECKPOINT_ARTIFACT = "checkpoint"
+METRIC_TAG_PREFIX = "metric."
+"""Version tags ``metric.<name>`` hold the validation metrics the version was registered with."""
+REGISTRATION_TIMEOUT_S = 300
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/?(?P<path>.*)$")
 
 
 class ModelNotFoundError(LookupError):
-    """A model reference that names no registered model, alias, version or artifact."""
+    """A model reference that names no registered model, alias, version, run or artifact."""
 
 
 @dataclass(frozen=True)
 class VersionInfo:
+    """One registered model version, as ``describe_version`` and ``list_models`` report it."""
+
     name: str
     version: str
     aliases: tuple[str, ...]
     run_id: str | None
+    """The MLflow run that logged the model (MLflow links the version to it)."""
     source: str
+    status: str
     metrics: dict[str, float]
+    """Validation metrics from the version's ``metric.*`` tags."""
     tags: dict[str, str]
 
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
 
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A registered model: its versions (oldest first, each with its aliases) and alias map."""
+
+    name: str
+    versions: tuple[VersionInfo, ...]
+    aliases: dict[str, str]
+    """alias -> version"""
+
+
+# ------------------------------------------------------------------------------------- helpers
 def _client() -> Any:
     import mlflow
 
@@ -68,72 +108,34 @@ def _client() -> Any:
 def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
-    def pin(name: str) -> str:
+    def pin(name: str) -> str:  # torch reports "2.13.0+cpu"; pip wants the public version
         return f"{name}=={version(name).split('+')[0]}"
 
-    return [pin("torch"), pin("numpy"), pin("pandas"), pin("mlflow")]
+    # What the model file and cvae_model import at load time (cvae_model.estimator imports
+    # matplotlib's Figure at module level).
+    return [pin("torch"), pin("numpy"), pin("pandas"), pin("matplotlib"), pin("mlflow")]
 
 
-def log_cvae_model(checkpoint_dir: str | os.PathLike[str], *, name: str = MODEL_ARTIFACT,
-                   input_example_rows: int = 5) -> Any:
-    """Log ``checkpoint_dir`` as a pyfunc model into the active MLflow run; returns ModelInfo."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    checkpoint = load_checkpoint(checkpoint_dir)
-    d, k = checkpoint.model_config.dim_feature, checkpoint.model_config.dim_latent
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]),
-    )
-    example = np.tile(checkpoint.normalizer.mean, (input_example_rows, 1)).astype(np.float32)
-    code_root = Path(__file__).resolve().parents[1]
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(PYFUNC_SOURCE),
-        artifacts={"checkpoint": str(checkpoint_dir)},
-        signature=signature,
-        input_example=example,
-        pip_requirements=_pip_requirements(),  # given: inferring them costs seconds
-        code_paths=[str(code_root / "cvae_model")],  # loads where cvae is not installed
-    )
+def _version_info(version: Any, aliases: Iterable[str] = ()) -> VersionInfo:
+    tags = dict(version.tags or {})
+    metrics = {}
+    for key, value in tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                metrics[key[len(METRIC_TAG_PREFIX):]] = float(value)
+            except ValueError:
+                logger.warning("tag %s=%r of %s/%s is not a number", key, value, version.name,
+                               version.version)
+    return VersionInfo(
+        name=version.name, version=str(version.version),
+        aliases=tuple(sorted(set(aliases) | set(getattr(version, "aliases", None) or ()))),
+        run_id=version.run_id or None, source=str(version.source), status=str(version.status),
+        metrics=metrics, tags=tags)
 
 
-def register(model_uri: str, name: str, aliases: tuple[str, ...] | list[str] = (), *,
-             metrics: dict[str, float] | None = None) -> Any:
-    """Register ``model_uri`` under ``name``, set ``aliases``, tag it with ``metrics``."""
-    import mlflow
-
-    client = _client()
-    version = mlflow.register_model(model_uri, name, await_registration_for=60)
-    for key, value in sorted((metrics or {}).items()):
-        client.set_model_version_tag(name, version.version, f"metric.{key}", f"{value:.6g}")
-    for alias in aliases:
-        client.set_registered_model_alias(name, alias, version.version)
-    return client.get_model_version(name, version.version)
-
-
-def register_run_model(run_id: str, checkpoint_dir: str | os.PathLike[str], name: str, *,
-                       aliases: tuple[str, ...] | list[str] = (),
-                       metrics: dict[str, float] | None = None) -> str:
-    """Log the checkpoint into run ``run_id`` as a pyfunc model and register it; the version."""
-    import mlflow
-
-    _client()
-    with mlflow.start_run(run_id=run_id):
-        info = log_cvae_model(checkpoint_dir)
-    version = register(info.model_uri, name, aliases, metrics=metrics)
-    logger.info("registered models:/%s/%s (aliases %s) from run %s", name, version.version,
-                ", ".join(aliases) or "none", run_id)
-    return str(version.version)
-
-
-def set_alias(name: str, alias: str, version: str | int) -> None:
-    client = _client()
-    _check_model(client, name)
-    _check_version(client, name, str(version))
-    client.set_registered_model_alias(name, alias, str(version))
+def _aliases_of(model: Any) -> dict[str, str]:
+    """alias -> version of a RegisteredModel (MLflow gives versions as str or int)."""
+    return {alias: str(v) for alias, v in sorted((getattr(model, "aliases", None) or {}).items())}
 
 
 def _registered_names(client: Any) -> list[str]:
@@ -151,18 +153,22 @@ def _check_model(client: Any, name: str) -> Any:
                                  f"{', '.join(names) or '(none)'}") from None
 
 
-def _versions(client: Any, name: str) -> list[str]:
-    return sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
+def _versions(client: Any, name: str) -> list[Any]:
+    found = client.search_model_versions(f"name='{name}'")
+    return sorted(found, key=lambda v: int(v.version))
 
 
 def _check_version(client: Any, name: str, version: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
+        if not version.isdigit():
+            raise MlflowException(f"not a version number: {version!r}")
         return client.get_model_version(name, version)
     except MlflowException:
+        existing = ", ".join(str(v.version) for v in _versions(client, name)) or "(none)"
         raise ModelNotFoundError(f"Model {name!r} has no version {version}; versions: "
-                                 f"{', '.join(_versions(client, name)) or '(none)'}") from None
+                                 f"{existing}") from None
 
 
 def _resolve_alias(client: Any, name: str, alias: str) -> Any:
@@ -172,14 +178,170 @@ def _resolve_alias(client: Any, name: str, alias: str) -> Any:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
-        aliases = sorted(getattr(model, "aliases", {}) or {})
+        aliases = ", ".join(f"{a} (version {v})" for a, v in _aliases_of(model).items())
         raise ModelNotFoundError(f"Model {name!r} has no alias {alias!r}; aliases: "
-                                 f"{', '.join(aliases) or '(none)'}") from None
+                                 f"{aliases or '(none)'}") from None
+
+
+def _get_version(client: Any, name: str, version_or_alias: str | int) -> Any:
+    text = str(version_or_alias)
+    if text.isdigit():
+        _check_model(client, name)
+        return _check_version(client, name, text)
+    return _resolve_alias(client, name, text)
+
+
+def _wait_until_ready(client: Any, name: str, version: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = client.get_model_version(name, version)
+        status = str(current.status)
+        if status == "READY":
+            return current
+        if status == "FAILED_REGISTRATION":
+            raise RuntimeError(f"Registering models:/{name}/{version} failed: "
+                               f"{current.status_message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"models:/{name}/{version} is still {status} after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------- logging
+def log_cvae_model(checkpoint_dir: str | os.PathLike[str], *, name: str = MODEL_ARTIFACT,
+                   input_example_rows: int = 5) -> Any:
+    """Log ``checkpoint_dir`` as a pyfunc model into the active MLflow run.
+
+    The checkpoint directory becomes the model's artifact ``checkpoint``; the signature is a
+    2-D float32 tensor in and out plus the parameter ``output`` (``"embed"``, the default, maps
+    (n, dim_feature) -> (n, dim_latent); ``"decode"`` maps (n, dim_latent) -> (n, dim_feature)).
+    Widths are not fixed in the signature, so that one model serves both directions; the model
+    checks them itself and its metadata records them (``cvae.dim_feature``, ``cvae.dim_latent``).
+
+    Returns MLflow's ``ModelInfo``: ``.model_uri`` (``models:/m-<id>``) is what ``register`` takes.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_cvae_model logs into the active MLflow run; call it inside "
+                           "`with mlflow.start_run(...):` (or use register_run_model)")
+    checkpoint = load_checkpoint(checkpoint_dir)  # fails early, naming missing files
+    cfg = checkpoint.model_config
+    # No input schema on purpose: MLflow enforces one before the model sees the data, and none
+    # fits both directions (a tensor (-1, d) rejects the latent rows of "decode", float64
+    # arrays and DataFrames; (-1, -1) rejects every multi-column DataFrame). The model checks
+    # width and dtype itself, with scikit-learn's message; metadata and the example give d.
+    signature = ModelSignature(
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
+        params=ParamSchema([ParamSpec("output", "string", "embed")]),
+    )
+    # Rows spread around the training mean, one scale either side: valid, realistic inputs.
+    offsets = np.linspace(-1.0, 1.0, max(int(input_example_rows), 1), dtype=np.float32)[:, None]
+    mean, scale = checkpoint.normalizer.mean, checkpoint.normalizer.scale
+    example = (mean + offsets * scale).astype(np.float32)
+    code_root = Path(__file__).resolve().parents[1]
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(PYFUNC_SOURCE),
+        artifacts={CHECKPOINT_ARTIFACT: str(Path(checkpoint_dir).resolve())},
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),  # given: inferring them costs seconds
+        code_paths=[str(code_root / "cvae_model")],  # loads where cvae is not installed
+        metadata={"cvae": {"dim_feature": cfg.dim_feature, "dim_latent": cfg.dim_latent}},
+    )
+
+
+# -------------------------------------------------------------------------------- registry
+def register(model_uri: str, name: str, aliases: Iterable[str] = (), *, run_id: str | None = None,
+             metrics: Mapping[str, float] | None = None,
+             timeout: float = REGISTRATION_TIMEOUT_S) -> Any:
+    """Register ``model_uri`` as a new version of ``name``, wait until READY, tag, alias.
+
+    The version is linked to the run that logged the model (MLflow's ``run_id``). Its tags
+    ``metric.<name>`` hold ``metrics``; without ``metrics`` they are taken from the latest
+    ``val_*`` metrics of ``run_id`` (default: the version's own run). Returns the ModelVersion
+    as it is after the aliases were set.
+    """
+    import mlflow
+
+    client = _client()
+    created = mlflow.register_model(model_uri, name, await_registration_for=int(timeout))
+    version = str(_wait_until_ready(client, name, str(created.version), timeout).version)
+    source_run = run_id or created.run_id
+    if run_id and created.run_id and run_id != created.run_id:
+        logger.warning("models:/%s/%s was logged by run %s, not by run_id=%s", name, version,
+                       created.run_id, run_id)
+    if metrics is None and source_run:
+        run_metrics = client.get_run(source_run).data.metrics
+        metrics = {k: v for k, v in run_metrics.items() if k.startswith("val_")}
+    for key, value in sorted((metrics or {}).items()):
+        client.set_model_version_tag(name, version, f"{METRIC_TAG_PREFIX}{key}", repr(float(value)))
+    if source_run:
+        client.set_model_version_tag(name, version, "cvae.source_run_id", source_run)
+    for alias in aliases:
+        client.set_registered_model_alias(name, alias, version)
+    logger.info("registered models:/%s/%s from %s (aliases: %s)", name, version, model_uri,
+                ", ".join(aliases) or "none")
+    return client.get_model_version(name, version)
+
+
+def register_run_model(run_id: str, checkpoint_dir: str | os.PathLike[str], name: str, *,
+                       aliases: Iterable[str] = (),
+                       metrics: Mapping[str, float] | None = None) -> str:
+    """Log the checkpoint into (finished or running) run ``run_id`` and register it; the version."""
+    import mlflow
+
+    _client()
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        info = log_cvae_model(checkpoint_dir)
+    else:
+        with mlflow.start_run(run_id=run_id):
+            info = log_cvae_model(checkpoint_dir)
+    return str(register(info.model_uri, name, tuple(aliases), run_id=run_id,
+                        metrics=metrics).version)
+
+
+def set_alias(name: str, alias: str, version: str | int) -> VersionInfo:
+    """Point ``models:/NAME@ALIAS`` at ``version`` (set, or move from another version)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    _check_model(client, name)
+    _check_version(client, name, str(version))
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:  # reserved or malformed alias ("latest", "v3", ...)
+        raise ValueError(f"Cannot set alias {alias!r} on {name!r}: {exc.message}") from None
+    return describe_version(name, str(version))
+
+
+def describe_version(name: str, version_or_alias: str | int) -> VersionInfo:
+    """A version's aliases, source run, status and metrics; by number or by alias."""
+    client = _client()
+    version = _get_version(client, name, version_or_alias)
+    model = client.get_registered_model(name)
+    aliases = [a for a, v in _aliases_of(model).items() if v == str(version.version)]
+    return _version_info(version, aliases)
+
+
+def list_models() -> list[ModelSummary]:
+    """Every registered model with its versions (each with its aliases), sorted by name."""
+    client = _client()
+    out = []
+    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
+        aliases = _aliases_of(model)
+        versions = tuple(_version_info(v, [a for a, n in aliases.items() if n == str(v.version)])
+                         for v in _versions(client, model.name))
+        out.append(ModelSummary(model.name, versions, aliases))
+    return out
 
 
 def resolve_model_uri(uri: str) -> tuple[str, str]:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); raises naming
-    what exists when the model, alias or version does not."""
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); raises
+    ModelNotFoundError naming what exists when the model, alias or version does not."""
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ValueError(f"{uri!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
@@ -191,60 +353,82 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
     return name, str(_check_version(client, name, match["version"]).version)
 
 
+# -------------------------------------------------------------------------------- download
 def _find_checkpoint(root: Path, uri: str) -> Path:
-    for config in sorted(root.rglob("config.json")):
+    """The checkpoint directory (the one with config.json) under ``root``, or raise naming what
+    is missing."""
+    configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
+    for config in configs:
         if all((config.parent / f).is_file() for f in CHECKPOINT_FILES):
             return config.parent
-    raise ModelNotFoundError(f"{uri}: no cvae checkpoint among the downloaded artifacts (need "
-                             f"{', '.join(sorted(CHECKPOINT_FILES))})")
+    if configs:
+        folder = configs[0].parent
+        missing = sorted(f for f in CHECKPOINT_FILES if not (folder / f).is_file())
+        raise ModelNotFoundError(f"{uri}: the checkpoint in {folder} is incomplete: missing "
+                                 f"{', '.join(missing)} (a checkpoint holds "
+                                 f"{', '.join(sorted(CHECKPOINT_FILES))})")
+    raise ModelNotFoundError(f"{uri}: no cvae checkpoint (config.json, model.pt, "
+                             f"normalization.npz, train_state.pt) among the artifacts in {root}")
 
 
-def download_checkpoint(uri: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None) -> Path:
-    """A local cvae checkpoint directory for a model reference (downloaded when remote)."""
+def _run_source(client: Any, uri: str, run_id: str, path: str) -> str:
+    """The artifact URI to download for ``runs:/RUN_ID/PATH``: the run's artifact folder, or the
+    model that the run logged under the name PATH (MLflow 3 keeps those outside the run)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ModelNotFoundError(f"{uri}: no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from None
+    if not path or client.list_artifacts(run_id, path):
+        return uri
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{path.strip('/')}'")
+    if models:
+        return f"models:/{models[0].model_id}"
+    present = sorted({a.path for a in client.list_artifacts(run_id)})
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    present += [f"{m.name} (logged model)" for m in logged]
+    raise ModelNotFoundError(f"{uri}: run {run_id} has no artifact or logged model {path!r}; "
+                             f"it has: {', '.join(present) or '(nothing)'}")
+
+
+def download_checkpoint(uri: str | os.PathLike[str],
+                        dst: str | os.PathLike[str] | None = None) -> Path:
+    """The local cvae checkpoint directory (the one holding config.json) for a model reference.
+
+    ``uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/m-<id>``,
+    ``runs:/RUN_ID/PATH`` or a local directory (returned in place). Remote artifacts are
+    downloaded into ``dst`` (default: a new temporary directory). Raises ModelNotFoundError
+    naming what exists when the model, alias, version, run or artifacts do not.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     text = os.fspath(uri)
-    local = Path(os.path.expanduser(text))
-    if "://" not in text and ":/" not in text:
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):  # a path, not a URI
+        local = Path(os.path.expanduser(text))
         if not local.exists():
-            raise ModelNotFoundError(f"No model at {local.resolve()}")
+            raise ModelNotFoundError(f"No model at {local.resolve()}: not a directory, nor a "
+                                     "models:/ or runs:/ URI")
         return _find_checkpoint(local, text)
-    if text.startswith("models:/"):
+    client = _client()
+    if _MODELS_URI.match(text):
         name, version = resolve_model_uri(text)
         source = f"models:/{name}/{version}"
+    elif (match := _RUNS_URI.match(text)) is not None:
+        source = _run_source(client, text, match["run_id"], match["path"])
     else:
-        _client()
         source = text
     target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="cvae-model-"))
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)))
     except (MlflowException, OSError) as exc:
-        shutil.rmtree(target, ignore_errors=True)
-        raise ModelNotFoundError(f"{text}: could not download the model's artifacts ({exc})") from None
+        if dst is None:
+            shutil.rmtree(target, ignore_errors=True)
+        raise ModelNotFoundError(f"{text}: the model's artifacts could not be downloaded from "
+                                 f"{source} ({exc})") from None
     return _find_checkpoint(path, text)
-
-
-def describe_version(name: str, version_or_alias: str) -> VersionInfo:
-    """A version's aliases, source run and metrics (from its tags)."""
-    client = _client()
-    _check_model(client, name)
-    if version_or_alias.isdigit():
-        version = _check_version(client, name, version_or_alias)
-    else:
-        version = _resolve_alias(client, name, version_or_alias)
-    tags = dict(version.tags or {})
-    metrics = {k[len("metric."):]: float(v) for k, v in tags.items() if k.startswith("metric.")}
-    return VersionInfo(name, str(version.version), tuple(sorted(version.aliases or ())),
-                       version.run_id, version.source, metrics, tags)
-
-
-def list_models() -> list[dict[str, Any]]:
-    """Every registered model with its versions and aliases."""
-    client = _client()
-    out = []
-    for model in sorted(client.search_registered_models(), key=lambda m: m.name):
-        versions = _versions(client, model.name)
-        out.append({"name": model.name, "versions": versions,
-                    "aliases": dict(sorted((getattr(model, "aliases", {}) or {}).items()))})
-    return out

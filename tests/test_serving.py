@@ -1,0 +1,175 @@
+"""The registry behind real servers: an ``mlflow server`` process as the tracking/registry store,
+and ``mlflow models serve`` answering ``/invocations`` for ``models:/NAME@ALIAS``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cvae_model import CompressionVAE
+from pipeline.registry import describe_version, set_alias
+from test_registry import embed_in_fresh_process, publish, train_tiny, use_store
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(200, 10)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained(data: np.ndarray, tmp_path_factory: pytest.TempPathFactory
+            ) -> list[tuple[CompressionVAE, Path]]:
+    root = tmp_path_factory.mktemp("trained")
+    out = []
+    for seed in (0, 1):
+        model = train_tiny(data, root / f"logdir-{seed}", seed)
+        out.append((model, model.save(root / f"checkpoint-{seed}")))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server started with start_new_session=True: its whole process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def server_env() -> dict[str, str]:
+    # `mlflow models serve` starts `uvicorn` by name: the virtualenv's bin must be on PATH (as
+    # when it is activated). PYTHONPATH: the served model needs only its own code_paths, but the
+    # fresh processes import cvae_model from the repository.
+    return {**os.environ, "PYTHONPATH": str(REPO),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real ``mlflow server`` on a free loopback port, artifacts proxied through it."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, 90)
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_same_flow_against_a_real_mlflow_server(
+        mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: np.ndarray,
+        trained: list[tuple[CompressionVAE, Path]]) -> None:
+    monkeypatch.setenv("CVAE_HOME", str(tmp_path / "home"))
+    (first, first_dir), (second, second_dir) = trained
+    assert publish(first, first_dir, "served", ["champion"]) == "1"
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # nothing went to the embedded store
+    assert list((tmp_path / "server-artifacts").rglob("model.pt"))  # the server holds the files
+    assert describe_version("served", "champion").metrics["val_loss"] == pytest.approx(
+        first.history_[-1]["val_loss"], rel=1e-12)
+
+    z = embed_in_fresh_process("models:/served@champion", data, tmp_path)
+    assert np.array_equal(z["estimator"], first.embed(data))
+    assert np.array_equal(z["pyfunc"], first.embed(data))
+
+    assert publish(second, second_dir, "served", []) == "2"
+    set_alias("served", "champion", "2")
+    assert np.array_equal(CompressionVAE.load("models:/served@champion").embed(data), second.embed(data))
+
+
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.timeout(180)
+def test_mlflow_models_serve_answers_invocations(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: np.ndarray,
+        trained: list[tuple[CompressionVAE, Path]]) -> None:
+    use_store(tmp_path / "home", monkeypatch)
+    model, checkpoint = trained[0]
+    publish(model, checkpoint, "served", ["champion"])
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", proc, 120)
+        url = f"http://127.0.0.1:{port}/invocations"
+        rows = data[:20]
+        expected = model.embed(rows)
+        status, as_inputs = post_json(url, {"inputs": rows.tolist()})
+        assert status == 200, as_inputs
+        np.testing.assert_allclose(np.asarray(as_inputs["predictions"]), expected, rtol=0, atol=1e-5)
+
+        split = {"columns": [f"f{i}" for i in range(10)], "data": rows.tolist()}
+        status, as_frame = post_json(url, {"dataframe_split": split})
+        assert status == 200, as_frame
+        np.testing.assert_allclose(np.asarray(as_frame["predictions"]), expected, rtol=0, atol=1e-5)
+
+        status, decoded = post_json(url, {"inputs": expected[:5].tolist(),
+                                          "params": {"output": "decode"}})
+        assert status == 200, decoded
+        np.testing.assert_allclose(np.asarray(decoded["predictions"]), model.decode(expected[:5]),
+                                   rtol=1e-5, atol=1e-5)
+
+        # MLflow answers 400 with a generic message; the model's own error ends the stack trace.
+        status, error = post_json(url, {"inputs": np.zeros((2, 7)).tolist()})
+        assert status == 400 and error["error_code"] == "BAD_REQUEST"
+        assert ("ValueError: X has 7 features, but CompressionVAE is expecting 10 features"
+                in error["stack_trace"])
+    finally:
+        stop(proc)
+        log.close()
