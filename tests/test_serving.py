@@ -21,26 +21,11 @@ import pytest
 
 from cvae_model import CompressionVAE
 from pipeline.registry import describe_version, set_alias
-from test_registry import embed_in_fresh_process, publish, train_tiny, use_store
+# The registry tests' fixtures (`data`, `trained`) and helpers, shared rather than copied.
+from test_registry import data, embed_in_fresh_process, publish, trained, use_store  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data() -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(200, 10)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def trained(data: np.ndarray, tmp_path_factory: pytest.TempPathFactory
-            ) -> list[tuple[CompressionVAE, Path]]:
-    root = tmp_path_factory.mktemp("trained")
-    out = []
-    for seed in (0, 1):
-        model = train_tiny(data, root / f"logdir-{seed}", seed)
-        out.append((model, model.save(root / f"checkpoint-{seed}")))
-    return out
 
 
 def free_port() -> int:
