@@ -1,14 +1,25 @@
-"""Building blocks: weight initializers and a masked linear layer."""
+"""Building blocks: weight initializers, a masked linear layer and a block-diagonal linear layer."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from cvae_model.config import Initializer
 
-__all__ = ["BIAS_INIT", "MaskedLinear", "dense", "init_linear", "masked_linear_with_init"]
+__all__ = [
+    "BIAS_INIT",
+    "BlockLinear",
+    "MaskedLinear",
+    "dense",
+    "init_linear",
+    "init_weight_",
+    "masked_linear_with_init",
+]
 
 BIAS_INIT = 0.001
 """Every bias starts at this constant, as in the original."""
@@ -19,9 +30,12 @@ _TRUNCATED_NORMAL_STD = 0.05  # TF2's tf.initializers.TruncatedNormal() default
 _TRUNCATION_CORRECTION = 0.87962566103423978
 
 
-def init_linear(layer: nn.Linear, initializer: Initializer) -> None:
-    """Initialize a linear layer's weight with the named scheme and its bias with ``BIAS_INIT``."""
-    weight = layer.weight
+def init_weight_(weight: Tensor, initializer: Initializer) -> Tensor:
+    """Fill a 2-D ``(out_features, in_features)`` weight in place with the named scheme.
+
+    The original's TF variables are ``(in, out)``: the transpose has the same distribution
+    (orthogonal: a Haar semi-orthogonal matrix either way; lecun_normal: fan_in = in_features).
+    """
     if initializer == "orthogonal":
         nn.init.orthogonal_(weight)
     elif initializer == "truncated_normal":
@@ -33,6 +47,12 @@ def init_linear(layer: nn.Linear, initializer: Initializer) -> None:
         nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
     else:  # configs validate this; reaching here is a programming error
         raise AssertionError(f"unknown initializer {initializer!r}")
+    return weight
+
+
+def init_linear(layer: nn.Linear, initializer: Initializer) -> None:
+    """Initialize a linear layer's weight with the named scheme and its bias with ``BIAS_INIT``."""
+    init_weight_(layer.weight, initializer)
     if layer.bias is not None:
         nn.init.constant_(layer.bias, BIAS_INIT)
 
@@ -56,6 +76,68 @@ def masked_linear_with_init(mask: Tensor, initializer: Initializer) -> MaskedLin
     layer = MaskedLinear(mask)
     init_linear(layer, initializer)
     return layer
+
+
+class _BlockLinearFunction(torch.autograd.Function):
+    """``out[g, n, j] = sum_i x[n, j, i] * weight[g, j, i] + bias[g, j]`` with a hand-written
+    backward: autograd's backward of the broadcast multiply-and-sum materializes three
+    (groups, n, blocks, block_in) products, this one a single (n, blocks, block_in) one per group
+    (measured 11% faster training steps at k = 64, and no slower at k = 2)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+        groups, blocks, block_in = weight.shape
+        xb = x.reshape(-1, blocks, block_in)
+        ctx.save_for_backward(xb, weight)
+        ctx.input_shape = x.shape
+        out = (xb.unsqueeze(0) * weight.unsqueeze(1)).sum(-1) + bias.unsqueeze(1)
+        # Not a view for 2-D inputs, so callers may modify the output in place.
+        return out if x.dim() == 2 else out.view(groups, *x.shape[:-1], blocks)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xb, weight = ctx.saved_tensors
+        groups, blocks, block_in = weight.shape
+        grad = grad.reshape(groups, -1, blocks)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad[0].unsqueeze(-1) * weight[0]
+            for g in range(1, groups):
+                grad_x.addcmul_(grad[g].unsqueeze(-1), weight[g])
+            grad_x = grad_x.view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.stack([(grad[g].unsqueeze(-1) * xb).sum(0) for g in range(groups)])
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(1)
+        return grad_x, grad_weight, grad_bias
+
+
+class BlockLinear(nn.Module):
+    """``groups`` outputs per block from a block-diagonal weight: block j reads inputs block j only.
+
+    Input ``(..., blocks * block_in)``, output ``(groups, ..., blocks)``:
+    ``out[g, ..., j] = sum_i x[..., j * block_in + i] * weight[g, j, i] + bias[g, j]``.
+    It is the masked dense ``(groups * blocks, blocks * block_in)`` layer whose row
+    ``g * blocks + j`` may read input block j only, without the zeros: ``blocks`` times fewer
+    multiply-adds, parameters and optimizer work. Each block's ``(groups, block_in)`` weight is
+    initialized as its own layer (the original's one small layer per latent dimension).
+    """
+
+    def __init__(self, blocks: int, block_in: int, groups: int, initializer: Initializer) -> None:
+        super().__init__()
+        self.blocks, self.block_in, self.groups = blocks, block_in, groups
+        self.weight = nn.Parameter(torch.empty(groups, blocks, block_in))
+        self.bias = nn.Parameter(torch.full((groups, blocks), BIAS_INIT))
+        with torch.no_grad():
+            for j in range(blocks):
+                self.weight[:, j, :] = init_weight_(torch.empty(groups, block_in), initializer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _BlockLinearFunction.apply(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.blocks}, block_in={self.block_in}, groups={self.groups}"
 
 
 def dense(in_features: int, out_features: int, initializer: Initializer) -> nn.Linear:
