@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-__all__ = ["FeatureStats", "Normalizer", "DEFAULT_STD_FLOOR"]
+__all__ = ["DEFAULT_STD_FLOOR", "FeatureStats", "Normalizer", "TensorNormalizer"]
 
 DEFAULT_STD_FLOOR = 0.1
 """Scale floor as a fraction of the median non-zero feature std.
@@ -94,11 +95,21 @@ class Normalizer:
     def fit(cls, x: np.ndarray, std_floor: float = DEFAULT_STD_FLOOR) -> Normalizer:
         return cls.from_stats(FeatureStats.from_batch(x), std_floor)
 
+    @property
+    def dim_feature(self) -> int:
+        return int(self.mean.shape[0])
+
     def transform(self, x: np.ndarray) -> np.ndarray:
+        """Normalized float32 copy of ``x``, shape (n, d)."""
         return ((np.asarray(x, np.float32) - self.mean) / self.scale).astype(np.float32, copy=False)
 
     def inverse_transform(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, np.float32) * self.scale + self.mean).astype(np.float32, copy=False)
+
+    def to_torch(self, device: str | torch.device = "cpu") -> TensorNormalizer:
+        """The same transform on torch tensors, its constants on ``device``."""
+        return TensorNormalizer(torch.from_numpy(self.mean).to(device),
+                                torch.from_numpy(self.scale).to(device))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "scale": self.scale}
@@ -106,3 +117,17 @@ class Normalizer:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Normalizer:
         return cls(np.asarray(arrays["mean"], np.float32), np.asarray(arrays["scale"], np.float32))
+
+
+@dataclass(frozen=True)
+class TensorNormalizer:
+    """``Normalizer`` on torch tensors (batches already on the constants' device)."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.mean

@@ -1,45 +1,59 @@
-"""The one training loop, shared by the in-process estimator and the Ray Train workers.
+"""The one training loop and the one set of resume rules, shared by every launcher.
 
-The loop knows nothing about where batches come from, how the validation loss is reduced, where
-checkpoints go or how progress is shown: the launcher passes a batch iterator, an ``evaluate``
-function and a ``TrainingCallbacks`` object. The in-process estimator feeds in-memory batches and
-saves to its logdir; a Ray Train worker feeds its dataset shard, all-reduces the validation sums
-and reports checkpoints to Ray. Both run exactly this code.
+``setup_training`` decides how a run starts (a new model, another ``num_steps`` on a trained one,
+or an interrupted run resumed), ``run_training`` takes the steps. Neither knows where batches come
+from, how the validation loss is reduced, where checkpoints go or how progress is shown: the
+launcher passes a batch iterator, an ``evaluate`` function and a ``TrainingCallbacks`` object.
+The in-process launcher (``cvae_model.local``) and the Ray Train workers
+(``pipeline.ray_training``) differ only there.
+
+Randomness depends only on (seed, rank, step): each step's noise and dropout come from a
+generator seeded with ``derive_seed(seed, NOISE, rank, step)``, and batches are a function of
+(seed, step), so a run stopped at step s and resumed anywhere continues exactly as if it had not
+stopped.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from cvae_model.checkpoint import TrainState
 from cvae_model.config import TrainConfig
+from cvae_model.seeds import NOISE, VALIDATION, derive_seed
 from cvae_model.vae import VAE
 
 __all__ = [
     "NonFiniteTrainingError",
     "ProgressRecord",
+    "RunMode",
     "StepResult",
     "TrainingCallbacks",
+    "TrainingSetup",
     "ValidationResult",
     "evaluate_batches",
     "make_optimizer",
     "make_scheduler",
     "run_training",
+    "setup_training",
     "train_step",
 ]
 
 ADAM_EPS = 1e-4  # the original's AdamOptimizer(epsilon=1e-4)
+RunMode = Literal["new", "continue", "resume"]
+"""new: a fresh model; continue: ``num_steps`` more on a trained model (a second ``train()``,
+a model handed to Ray); resume: the same run after an interruption, to its original target."""
 
 
 class NonFiniteTrainingError(FloatingPointError):
-    """Training produced non-finite gradients too many times in a row (or non-finite weights)."""
+    """Training produced non-finite values: gradients too many times in a row, weights, or a
+    validation loss (usually data far outside the training range)."""
 
 
 @dataclass(frozen=True)
@@ -63,14 +77,9 @@ class ProgressRecord:
     samples_per_s: float
 
     def as_metrics(self) -> dict[str, float]:
-        return {
-            "train_loss": self.train_loss,
-            "val_loss": self.val_loss,
-            "val_reconstruction": self.val_recon,
-            "val_kl": self.val_kl,
-            "learning_rate": self.learning_rate,
-            "samples_per_s": self.samples_per_s,
-        }
+        return {"train_loss": self.train_loss, "val_loss": self.val_loss,
+                "val_reconstruction": self.val_recon, "val_kl": self.val_kl,
+                "learning_rate": self.learning_rate, "samples_per_s": self.samples_per_s}
 
 
 class TrainingCallbacks(Protocol):
@@ -78,7 +87,7 @@ class TrainingCallbacks(Protocol):
         """Called after every validation, on every worker."""
 
     def on_step(self, step: int, loss: float) -> None:
-        """Called after every optimizer step (progress bars)."""
+        """Called after every optimizer step (progress, tests' fault injection)."""
 
     def save(self, state: TrainState) -> None:
         """Persist a checkpoint of the current weights with ``state``."""
@@ -91,6 +100,15 @@ class StepResult:
     """False when the gradient was non-finite and the step was skipped."""
 
 
+@dataclass
+class TrainingSetup:
+    """What ``setup_training`` decided: the optimizer, the schedule and the state to train from."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    state: TrainState
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=ADAM_EPS)
 
@@ -100,30 +118,61 @@ def make_scheduler(optimizer: torch.optim.Optimizer,
     """The original's plateau rule: divide the LR by ``lr_scheduling_factor`` once the best
     validation loss is ``lr_scheduling_steps`` validations old."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode="min",
-        factor=1.0 / config.lr_scheduling_factor,
-        patience=config.lr_scheduling_steps - 1,
-        threshold=0.0,
-        cooldown=0,
-        min_lr=0.0,
-        eps=0.0,
-    )
+        optimizer, mode="min", factor=1.0 / config.lr_scheduling_factor,
+        patience=config.lr_scheduling_steps - 1, threshold=0.0, cooldown=0, min_lr=0.0, eps=0.0)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
+_SCHEDULE_SETTINGS = ("factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lrs",
+                      "eps", "mode")
+
+
+def setup_training(model: VAE, config: TrainConfig, saved: TrainState | None,
+                   previous: TrainConfig | None, mode: RunMode) -> TrainingSetup:
+    """The resume rules, the same for every launcher.
+
+    - Optimizer moments always continue from ``saved`` when it holds them.
+    - ``resume`` of an unfinished run restores the LR schedule and keeps the run's target step.
+    - Otherwise (``new``, ``continue``, or resuming a run that had finished) the run trains
+      ``config.num_steps`` more steps; the LR schedule continues unless the learning rate
+      differs from ``previous`` or the last run had converged, when it restarts at
+      ``config.learning_rate``. The schedule's settings always come from ``config``.
+    """
+    state = copy.deepcopy(saved) if saved is not None else TrainState()
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    if state.optimizer:
+        optimizer.load_state_dict(state.optimizer)
+    unfinished = state.step < state.target_step and not state.converged
+    restart = (not state.scheduler or state.converged or previous is None
+               or previous.learning_rate != config.learning_rate)
+    if mode == "resume" and unfinished and state.scheduler:
+        restart = False
+    else:
+        state.target_step = state.step + config.num_steps
+    if restart:
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate
+    else:
+        settings = {name: getattr(scheduler, name) for name in _SCHEDULE_SETTINGS}
+        scheduler.load_state_dict({**state.scheduler, **settings})
+    state.converged = False
+    return TrainingSetup(optimizer, scheduler, state)
+
+
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *,
-               keep_prob: float, grad_clip_norm: float, eps: Tensor | None = None) -> StepResult:
+               keep_prob: float, grad_clip_norm: float, eps: Tensor | None = None,
+               generator: torch.Generator | None = None) -> StepResult:
     """One optimizer step on batch ``x`` through ``module`` (a VAE, or a DDP-wrapped VAE).
 
     Backward always runs, so DDP's gradient all-reduce happens on every worker; the step is then
     skipped on all workers alike when the (synchronized) gradient norm is not finite.
     """
     optimizer.zero_grad(set_to_none=True)
-    out = module(x, keep_prob, eps)
+    out = module(x, keep_prob, eps, generator)
     out.loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
@@ -139,60 +188,69 @@ def evaluate_batches(model: VAE, batches: Iterator[Tensor], seed: int = 0) -> tu
     """Summed (loss, recon, kl) and row count over ``batches``, noise fixed by ``seed``.
 
     Fixing the noise makes successive validations comparable, which steadies the LR schedule.
-    Returns sums so that workers can add theirs before dividing.
+    Returns sums so that workers can add theirs before dividing. Raises
+    ``NonFiniteTrainingError`` naming the feature when a row's loss is not finite.
     """
     generator = torch.Generator().manual_seed(seed)
-    loss_sum = recon_sum = kl_sum = 0.0
+    recon_sum = kl_sum = 0.0
     rows = 0
     for x in batches:
         eps = torch.randn((x.shape[0], model.config.dim_latent), generator=generator, dtype=x.dtype)
         out = model(x, 1.0, eps.to(x.device))
+        per_row = out.recon + out.kl
+        if not bool(torch.isfinite(per_row).all()):
+            bad = int(torch.nonzero(~torch.isfinite(per_row))[0])
+            feature = int(x[bad].abs().argmax())
+            raise NonFiniteTrainingError(
+                f"The validation loss of a row is not finite: its feature {feature} is "
+                f"{float(x[bad, feature]):.3g} after normalization, far outside the training "
+                "data's range; remove or clip such rows")
         recon_sum += float(out.recon.sum())
         kl_sum += float(out.kl.sum())
         rows += x.shape[0]
-    loss_sum = recon_sum + kl_sum
-    return loss_sum, recon_sum, kl_sum, rows
+    return recon_sum + kl_sum, recon_sum, kl_sum, rows
+
+
+def validation_seed(seed: int, rank: int) -> int:
+    return derive_seed(seed, VALIDATION, rank)
 
 
 def _check_finite_weights(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise NonFiniteTrainingError(
-                f"Parameter {name} holds non-finite values; refusing to write a checkpoint"
-            )
+                f"Parameter {name} holds non-finite values; refusing to write a checkpoint")
 
 
-def run_training(
-    model: VAE,
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
-    state: TrainState,
-    batches: Iterator[Tensor],
-    evaluate: Callable[[], ValidationResult],
-    config: TrainConfig,
-    callbacks: TrainingCallbacks,
-    world_batch_rows: int | None = None,
-) -> TrainState:
-    """Train from ``state.step`` to ``state.target_step`` or until the LR schedule converges.
+def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: Iterator[Tensor],
+                 evaluate: Callable[[], ValidationResult], config: TrainConfig,
+                 callbacks: TrainingCallbacks, *, rank: int = 0,
+                 world_batch_rows: int | None = None) -> TrainState:
+    """Train from ``setup.state.step`` to its target step or until the LR schedule converges.
 
     ``model`` is the bare VAE (checkpointed); ``module`` is what the forward pass runs through
     (the same VAE, or its DDP wrapper). Validates every ``test_every`` steps (step 0 of a fresh
-    run included; a resumed run does not repeat the validation of its starting step), applies the plateau rule and the stop-at-minimum-LR rule, saves every
-    ``checkpoint_every`` steps and at the end. A ``KeyboardInterrupt`` propagates after the
-    caller's handler may save; ``state`` is kept current so it can.
+    run included), applies the plateau rule and the stop-at-minimum-LR rule, saves every
+    ``checkpoint_every`` steps and at the end. A ``KeyboardInterrupt`` propagates after
+    ``setup.state`` was kept current, so the caller can save it.
     """
+    optimizer, scheduler, state = setup.optimizer, setup.scheduler, setup.state
+    if config.seed is None:
+        raise ValueError("run_training needs a resolved seed (cvae_model.seeds.resolve_seed)")
     rows_per_step = world_batch_rows or config.batch_size
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
     train_losses: list[float] = []  # losses of the steps since the last validation
     nonfinite_in_a_row = 0
-    last_saved = state.step
-    last_validated = -1
+    last_saved, last_validated = state.step, -1
     window = [time.perf_counter(), state.step]  # start time and step of the samples/s window
 
     def validate() -> ValidationResult:
         nonlocal last_validated
         last_validated = state.step
         result = evaluate()
+        if result.rows == 0:
+            raise ValueError("The validation split has no rows: nothing to validate on")
         now = time.perf_counter()
         rate = (state.step - window[1]) * rows_per_step / max(now - window[0], 1e-9)
         window[:] = [now, state.step]
@@ -200,9 +258,8 @@ def run_training(
         train_losses.clear()
         state.last_val_loss = result.loss
         state.best_val_loss = min(state.best_val_loss, result.loss)
-        callbacks.on_validation(ProgressRecord(
-            state.step, train_loss, result.loss, result.recon, result.kl, current_lr(optimizer), rate,
-        ))
+        callbacks.on_validation(ProgressRecord(state.step, train_loss, result.loss, result.recon,
+                                               result.kl, current_lr(optimizer), rate))
         return result
 
     def snapshot() -> TrainState:
@@ -215,7 +272,7 @@ def run_training(
         result = validate()
         if config.lr_scheduling:
             before = current_lr(optimizer)
-            scheduler.step(result.loss if math.isfinite(result.loss) else float("inf"))
+            scheduler.step(result.loss)
             after = current_lr(optimizer)
             if after < before and after <= config.lr_scheduling_min:
                 state.converged = True
@@ -223,8 +280,9 @@ def run_training(
     if state.step == 0 and state.target_step > 0:
         validate_and_schedule()  # the untrained model's loss, as the original logged
     while state.step < state.target_step and not state.converged:
+        generator.manual_seed(derive_seed(config.seed, NOISE, rank, state.step))
         step = train_step(module, optimizer, next(batches), keep_prob=config.dropout_keep_prob,
-                          grad_clip_norm=config.grad_clip_norm)
+                          grad_clip_norm=config.grad_clip_norm, generator=generator)
         if step.applied:
             nonfinite_in_a_row = 0
             train_losses.append(step.loss)
@@ -233,8 +291,7 @@ def run_training(
             if nonfinite_in_a_row >= config.max_nonfinite_steps:
                 raise NonFiniteTrainingError(
                     f"{nonfinite_in_a_row} consecutive steps had non-finite gradients at step "
-                    f"{state.step}; try a lower learning_rate or check the data for extreme values"
-                )
+                    f"{state.step}; try a lower learning_rate or check the data for extreme values")
         state.step += 1
         callbacks.on_step(state.step, step.loss)
         # Validate before checkpointing, so a checkpoint carries the metrics of its own step.

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_features", "check_latents"]
+__all__ = ["check_features", "check_latents", "width_mismatch"]
 
 
 def _as_2d_float32(data: Any, name: str) -> np.ndarray:
@@ -54,14 +54,20 @@ def _as_2d_float32(data: Any, name: str) -> np.ndarray:
     return array
 
 
+def width_mismatch(got: int, expected: int, kind: str = "dim_feature", name: str | None = None) -> str:
+    """The one wording of a width mismatch (scikit-learn's): features, or latent dimensions."""
+    if kind == "dim_latent":
+        return (f"{name or 'z'} has {got} latent dimensions, but this CompressionVAE has "
+                f"dim_latent={expected}.")
+    return (f"{name or 'X'} has {got} features, but CompressionVAE is expecting {expected} "
+            "features as input.")
+
+
 def check_features(data: Any, name: str = "X", dim_feature: int | None = None) -> np.ndarray:
     """Return ``data`` as a finite float32 array of shape (n, d), or raise naming the problem."""
     array = _as_2d_float32(data, name)
     if dim_feature is not None and array.shape[1] != dim_feature:
-        raise ValueError(
-            f"{name} has {array.shape[1]} features, but CompressionVAE is expecting "
-            f"{dim_feature} features as input."
-        )
+        raise ValueError(width_mismatch(array.shape[1], dim_feature, "dim_feature", name))
     return array
 
 
@@ -69,8 +75,5 @@ def check_latents(z: Any, dim_latent: int, name: str = "z") -> np.ndarray:
     """Return ``z`` as a finite float32 array of shape (n, dim_latent), or raise."""
     array = _as_2d_float32(z, name)
     if array.shape[1] != dim_latent:
-        raise ValueError(
-            f"{name} has {array.shape[1]} latent dimensions, but this CompressionVAE has "
-            f"dim_latent={dim_latent}."
-        )
+        raise ValueError(width_mismatch(array.shape[1], dim_latent, "dim_latent", name))
     return array
