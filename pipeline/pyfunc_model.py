@@ -1,9 +1,10 @@
 """The MLflow pyfunc wrapper of a cvae model, logged as "models from code".
 
 MLflow stores this file's source with the model and executes it at load time (it ends with
-``mlflow.models.set_model``); ``load_context`` then rebuilds the VAE from the checkpoint artifact
-(``config.json``, ``model.pt`` loaded with ``weights_only=True``, ``normalization.npz``). No
-pickled instance of any cvae class is in the load path.
+``mlflow.models.set_model``); ``load_context`` then builds ``cvae_model.fitted.FittedModel``
+(the one inference implementation) from the checkpoint artifact (``config.json``, ``model.pt`` loaded with
+``weights_only=True``, ``normalization.npz``). No pickled instance of any cvae class is in the
+load path.
 
 ``predict`` takes a 2-D float32 numpy array or a DataFrame with one column per feature::
 
@@ -34,12 +35,11 @@ class CVAEPyfunc(PythonModel):
     """Embeds rows of features, or (``params={"output": "decode"}``) decodes latent rows."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from cvae_model.checkpoint import load_checkpoint
+        from cvae_model.checkpoint import find_checkpoint, load_checkpoint
+        from cvae_model.fitted import FittedModel
 
-        checkpoint = load_checkpoint(context.artifacts["checkpoint"])
-        self.model = checkpoint.build_model().eval()
-        self.normalizer = checkpoint.normalizer
-        self.config = checkpoint.model_config
+        self.fitted = FittedModel.from_checkpoint(
+            load_checkpoint(find_checkpoint(context.artifacts["checkpoint"])))
 
     @staticmethod
     def _as_array(model_input: Any) -> Any:
@@ -61,32 +61,11 @@ class CVAEPyfunc(PythonModel):
         """
         output = (params or {}).get("output") or "embed"
         if output == "embed":
-            return self.embed(self._as_array(model_input))
+            return self.fitted.embed(self._as_array(model_input))
         if output == "decode":
-            return self.decode(self._as_array(model_input))
+            return self.fitted.decode(self._as_array(model_input))
         raise ValueError(f"The 'output' parameter must be one of {', '.join(OUTPUTS)}; "
                          f"got {output!r}.")
-
-    def embed(self, X: Any) -> np.ndarray:
-        """Embeddings of feature rows X, shape (n_rows, n_features) -> (n_rows, dim_latent)."""
-        import torch
-
-        from cvae_model.validation import check_features
-
-        x = self.normalizer.transform(check_features(X, "X", self.config.dim_feature))
-        with torch.inference_mode():
-            return self.model.embed(torch.from_numpy(x)).numpy()
-
-    def decode(self, z: Any) -> np.ndarray:
-        """Features reconstructed from latent rows, shape (n_rows, dim_latent) -> (n_rows, n_features)."""
-        import torch
-
-        from cvae_model.validation import check_latents
-
-        latents = check_latents(z, self.config.dim_latent)
-        with torch.inference_mode():
-            x = self.model.decode(torch.from_numpy(latents)).numpy()
-        return self.normalizer.inverse_transform(x).astype(np.float32, copy=False)
 
 
 mlflow.models.set_model(CVAEPyfunc())

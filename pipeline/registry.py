@@ -1,15 +1,13 @@
-"""The MLflow model registry: log a checkpoint as a pyfunc model, register, alias, find again.
+"""The MLflow model registry: log a checkpoint as a pyfunc model, register, alias, describe.
 
 A registered cvae model is an MLflow pyfunc model (``pipeline/pyfunc_model.py``, logged as
 "models from code") whose artifact ``checkpoint`` is a cvae checkpoint directory, so
-``CompressionVAE.load`` and ``mlflow.pyfunc.load_model`` read the same files. References that
-``download_checkpoint`` accepts: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-``runs:/RUN_ID/PATH`` (an artifact folder of the run, or a model logged in the run under that
-name), ``models:/m-<id>`` (a logged model), or a local directory.
+``CompressionVAE.load`` and ``mlflow.pyfunc.load_model`` read the same files. Finding a model
+again by reference is ``pipeline.model_uri.resolve_model``.
 
 Example (inside an active run)::
 
-    info = log_cvae_model(estimator.save("ckpt"))
+    info = log_cvae_model(checkpoint)
     version = register(info.model_uri, "embedder", ["champion"], metrics={"val_loss": 0.42})
     CompressionVAE.load("models:/embedder@champion")
 
@@ -20,11 +18,8 @@ the server named by ``MLFLOW_TRACKING_URI`` otherwise.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +27,22 @@ from typing import Any
 
 import numpy as np
 
-from cvae_model.checkpoint import CHECKPOINT_FILES, load_checkpoint
+from cvae_model.checkpoint import Checkpoint
+from pipeline.model_uri import ModelNotFoundError
 
 __all__ = [
     "METRIC_TAG_PREFIX",
     "ModelNotFoundError",
     "ModelSummary",
     "VersionInfo",
+    "client_for",
     "describe_version",
-    "download_checkpoint",
     "list_models",
     "log_cvae_model",
+    "publish",
     "register",
-    "register_run_model",
     "resolve_model_uri",
+    "run_artifact_source",
     "set_alias",
 ]
 
@@ -58,11 +55,6 @@ METRIC_TAG_PREFIX = "metric."
 """Version tags ``metric.<name>`` hold the validation metrics the version was registered with."""
 REGISTRATION_TIMEOUT_S = 300
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/?(?P<path>.*)$")
-
-
-class ModelNotFoundError(LookupError):
-    """A model reference that names no registered model, alias, version, run or artifact."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +88,9 @@ class ModelSummary:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _client() -> Any:
+def client_for() -> Any:
+    """An MLflow client of ``tracking_uri()`` (also made MLflow's current tracking URI, which
+    ``mlflow.register_model`` and logging into an active run use)."""
     import mlflow
 
     from pipeline.tracking import tracking_uri
@@ -191,31 +185,16 @@ def _get_version(client: Any, name: str, version_or_alias: str | int) -> Any:
     return _resolve_alias(client, name, text)
 
 
-def _wait_until_ready(client: Any, name: str, version: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        current = client.get_model_version(name, version)
-        status = str(current.status)
-        if status == "READY":
-            return current
-        if status == "FAILED_REGISTRATION":
-            raise RuntimeError(f"Registering models:/{name}/{version} failed: "
-                               f"{current.status_message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"models:/{name}/{version} is still {status} after {timeout:.0f} s")
-        time.sleep(0.5)
-
-
 # --------------------------------------------------------------------------------- logging
-def log_cvae_model(checkpoint_dir: str | os.PathLike[str], *, name: str = MODEL_ARTIFACT,
+def log_cvae_model(checkpoint: Checkpoint, *, name: str = MODEL_ARTIFACT,
                    input_example_rows: int = 5) -> Any:
-    """Log ``checkpoint_dir`` as a pyfunc model into the active MLflow run.
+    """Log ``checkpoint`` as a pyfunc model into the active MLflow run.
 
-    The checkpoint directory becomes the model's artifact ``checkpoint``; the signature is a
-    2-D float32 tensor in and out plus the parameter ``output`` (``"embed"``, the default, maps
+    The checkpoint's files become the model's artifact ``checkpoint``; the signature is a 2-D
+    float32 tensor out plus the parameter ``output`` (``"embed"``, the default, maps
     (n, dim_feature) -> (n, dim_latent); ``"decode"`` maps (n, dim_latent) -> (n, dim_feature)).
-    Widths are not fixed in the signature, so that one model serves both directions; the model
-    checks them itself and its metadata records them (``cvae.dim_feature``, ``cvae.dim_latent``).
+    Widths are not fixed in the signature, so one model serves both directions; the model checks
+    them itself and its metadata records them (``cvae.dim_feature``, ``cvae.dim_latent``).
 
     Returns MLflow's ``ModelInfo``: ``.model_uri`` (``models:/m-<id>``) is what ``register`` takes.
     """
@@ -225,8 +204,7 @@ def log_cvae_model(checkpoint_dir: str | os.PathLike[str], *, name: str = MODEL_
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_cvae_model logs into the active MLflow run; call it inside "
-                           "`with mlflow.start_run(...):` (or use register_run_model)")
-    checkpoint = load_checkpoint(checkpoint_dir)  # fails early, naming missing files
+                           "`with mlflow.start_run(...):` (or use publish)")
     cfg = checkpoint.model_config
     # No input schema on purpose: MLflow enforces one before the model sees the data, and none
     # fits both directions (a tensor (-1, d) rejects the latent rows of "decode", float64
@@ -241,16 +219,21 @@ def log_cvae_model(checkpoint_dir: str | os.PathLike[str], *, name: str = MODEL_
     mean, scale = checkpoint.normalizer.mean, checkpoint.normalizer.scale
     example = (mean + offsets * scale).astype(np.float32)
     code_root = Path(__file__).resolve().parents[1]
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(PYFUNC_SOURCE),
-        artifacts={CHECKPOINT_ARTIFACT: str(Path(checkpoint_dir).resolve())},
-        signature=signature,
-        input_example=example,
-        pip_requirements=_pip_requirements(),  # given: inferring them costs seconds
-        code_paths=[str(code_root / "cvae_model")],  # loads where cvae is not installed
-        metadata={"cvae": {"dim_feature": cfg.dim_feature, "dim_latent": cfg.dim_latent}},
-    )
+    with tempfile.TemporaryDirectory(prefix="cvae-log-") as tmp:
+        folder = Path(tmp) / CHECKPOINT_ARTIFACT
+        folder.mkdir()
+        for file_name, data in checkpoint.to_files().items():
+            (folder / file_name).write_bytes(data)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PYFUNC_SOURCE),
+            artifacts={CHECKPOINT_ARTIFACT: str(folder)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),  # given: inferring them costs seconds
+            code_paths=[str(code_root / "cvae_model")],  # loads where cvae is not installed
+            metadata={"cvae": {"dim_feature": cfg.dim_feature, "dim_latent": cfg.dim_latent}},
+        )
 
 
 # -------------------------------------------------------------------------------- registry
@@ -266,9 +249,9 @@ def register(model_uri: str, name: str, aliases: Iterable[str] = (), *, run_id: 
     """
     import mlflow
 
-    client = _client()
+    client = client_for()
     created = mlflow.register_model(model_uri, name, await_registration_for=int(timeout))
-    version = str(_wait_until_ready(client, name, str(created.version), timeout).version)
+    version = str(created.version)
     source_run = run_id or created.run_id
     if run_id and created.run_id and run_id != created.run_id:
         logger.warning("models:/%s/%s was logged by run %s, not by run_id=%s", name, version,
@@ -287,19 +270,18 @@ def register(model_uri: str, name: str, aliases: Iterable[str] = (), *, run_id: 
     return client.get_model_version(name, version)
 
 
-def register_run_model(run_id: str, checkpoint_dir: str | os.PathLike[str], name: str, *,
-                       aliases: Iterable[str] = (),
-                       metrics: Mapping[str, float] | None = None) -> str:
-    """Log the checkpoint into (finished or running) run ``run_id`` and register it; the version."""
+def publish(run_id: str, checkpoint: Checkpoint, name: str, *, aliases: Iterable[str] = (),
+            metrics: Mapping[str, float] | None = None) -> str:
+    """Log ``checkpoint`` into (finished or running) run ``run_id`` and register it; the version."""
     import mlflow
 
-    _client()
+    client_for()
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
-        info = log_cvae_model(checkpoint_dir)
+        info = log_cvae_model(checkpoint)
     else:
         with mlflow.start_run(run_id=run_id):
-            info = log_cvae_model(checkpoint_dir)
+            info = log_cvae_model(checkpoint)
     return str(register(info.model_uri, name, tuple(aliases), run_id=run_id,
                         metrics=metrics).version)
 
@@ -308,7 +290,7 @@ def set_alias(name: str, alias: str, version: str | int) -> VersionInfo:
     """Point ``models:/NAME@ALIAS`` at ``version`` (set, or move from another version)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = client_for()
     _check_model(client, name)
     _check_version(client, name, str(version))
     try:
@@ -320,7 +302,7 @@ def set_alias(name: str, alias: str, version: str | int) -> VersionInfo:
 
 def describe_version(name: str, version_or_alias: str | int) -> VersionInfo:
     """A version's aliases, source run, status and metrics; by number or by alias."""
-    client = _client()
+    client = client_for()
     version = _get_version(client, name, version_or_alias)
     model = client.get_registered_model(name)
     aliases = [a for a, v in _aliases_of(model).items() if v == str(version.version)]
@@ -329,7 +311,7 @@ def describe_version(name: str, version_or_alias: str | int) -> VersionInfo:
 
 def list_models() -> list[ModelSummary]:
     """Every registered model with its versions (each with its aliases), sorted by name."""
-    client = _client()
+    client = client_for()
     out = []
     for model in sorted(client.search_registered_models(), key=lambda m: m.name):
         aliases = _aliases_of(model)
@@ -339,13 +321,13 @@ def list_models() -> list[ModelSummary]:
     return out
 
 
-def resolve_model_uri(uri: str) -> tuple[str, str]:
+def resolve_model_uri(uri: str, client: Any = None) -> tuple[str, str]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); raises
     ModelNotFoundError naming what exists when the model, alias or version does not."""
     match = _MODELS_URI.match(uri)
     if match is None:
         raise ValueError(f"{uri!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
-    client = _client()
+    client = client or client_for()
     name = match["name"]
     if match["alias"]:
         return name, str(_resolve_alias(client, name, match["alias"]).version)
@@ -353,34 +335,15 @@ def resolve_model_uri(uri: str) -> tuple[str, str]:
     return name, str(_check_version(client, name, match["version"]).version)
 
 
-# -------------------------------------------------------------------------------- download
-def _find_checkpoint(root: Path, uri: str) -> Path:
-    """The checkpoint directory (the one with config.json) under ``root``, or raise naming what
-    is missing."""
-    configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
-    for config in configs:
-        if all((config.parent / f).is_file() for f in CHECKPOINT_FILES):
-            return config.parent
-    if configs:
-        folder = configs[0].parent
-        missing = sorted(f for f in CHECKPOINT_FILES if not (folder / f).is_file())
-        raise ModelNotFoundError(f"{uri}: the checkpoint in {folder} is incomplete: missing "
-                                 f"{', '.join(missing)} (a checkpoint holds "
-                                 f"{', '.join(sorted(CHECKPOINT_FILES))})")
-    raise ModelNotFoundError(f"{uri}: no cvae checkpoint (config.json, model.pt, "
-                             f"normalization.npz, train_state.pt) among the artifacts in {root}")
-
-
-def _run_source(client: Any, uri: str, run_id: str, path: str) -> str:
+def run_artifact_source(client: Any, uri: str, run_id: str, path: str) -> str:
     """The artifact URI to download for ``runs:/RUN_ID/PATH``: the run's artifact folder, or the
     model that the run logged under the name PATH (MLflow 3 keeps those outside the run)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ModelNotFoundError(f"{uri}: no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}") from None
+        raise ModelNotFoundError(f"{uri}: no MLflow run {run_id!r} in {client.tracking_uri}") from None
     if not path or client.list_artifacts(run_id, path):
         return uri
     models = client.search_logged_models(
@@ -394,41 +357,3 @@ def _run_source(client: Any, uri: str, run_id: str, path: str) -> str:
     present += [f"{m.name} (logged model)" for m in logged]
     raise ModelNotFoundError(f"{uri}: run {run_id} has no artifact or logged model {path!r}; "
                              f"it has: {', '.join(present) or '(nothing)'}")
-
-
-def download_checkpoint(uri: str | os.PathLike[str],
-                        dst: str | os.PathLike[str] | None = None) -> Path:
-    """The local cvae checkpoint directory (the one holding config.json) for a model reference.
-
-    ``uri``: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/m-<id>``,
-    ``runs:/RUN_ID/PATH`` or a local directory (returned in place). Remote artifacts are
-    downloaded into ``dst`` (default: a new temporary directory). Raises ModelNotFoundError
-    naming what exists when the model, alias, version, run or artifacts do not.
-    """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    text = os.fspath(uri)
-    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text):  # a path, not a URI
-        local = Path(os.path.expanduser(text))
-        if not local.exists():
-            raise ModelNotFoundError(f"No model at {local.resolve()}: not a directory, nor a "
-                                     "models:/ or runs:/ URI")
-        return _find_checkpoint(local, text)
-    client = _client()
-    if _MODELS_URI.match(text):
-        name, version = resolve_model_uri(text)
-        source = f"models:/{name}/{version}"
-    elif (match := _RUNS_URI.match(text)) is not None:
-        source = _run_source(client, text, match["run_id"], match["path"])
-    else:
-        source = text
-    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="cvae-model-"))
-    try:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target)))
-    except (MlflowException, OSError) as exc:
-        if dst is None:
-            shutil.rmtree(target, ignore_errors=True)
-        raise ModelNotFoundError(f"{text}: the model's artifacts could not be downloaded from "
-                                 f"{source} ({exc})") from None
-    return _find_checkpoint(path, text)

@@ -14,13 +14,18 @@ from typing import Any
 import numpy as np
 
 from cvae_model.normalization import FeatureStats
-from pipeline.sources import DataValidationError, raise_data_errors, skipped_nonfinite_rows
+from pipeline.errors import DataValidationError, raise_data_errors
+from pipeline.sources import skipped_rows
 
-__all__ = ["StatsReport", "compute_stats", "compute_stats_report"]
+__all__ = ["EmptyDatasetError", "StatsReport", "compute_stats", "compute_stats_report"]
 
 logger = logging.getLogger("cvae.data")
 
 _ROWS_PER_PARTIAL = 4096
+
+
+class EmptyDatasetError(DataValidationError):
+    """The dataset (or its side of a split) has no rows to compute statistics over."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ class StatsReport:
 
     stats: FeatureStats
     """Count, mean and M2 per feature over the rows that were read."""
-    skipped_nonfinite: int
-    """Rows dropped for NaN/inf by sources with ``on_nonfinite="skip"`` while this pass ran.
+    skipped: int
+    """Rows (or files) dropped by sources with ``on_error="skip"`` while this pass ran.
 
     Counted where the rows are read, so it covers the whole source even when the pass runs over
     one side of ``split_by_id``. Concurrent executions of other skipping datasets add to it."""
@@ -62,7 +67,7 @@ def compute_stats_report(dataset: Any, column: str = "features") -> StatsReport:
     Raises ``DataValidationError`` (unwrapped from Ray's task errors) naming the file, column or
     row of bad data, and ``DataValidationError`` when the dataset has no rows.
     """
-    before = skipped_nonfinite_rows()
+    before = skipped_rows()
     partials = dataset.map_batches(
         _partial, fn_kwargs={"column": column}, batch_size=_ROWS_PER_PARTIAL,
         batch_format="numpy")
@@ -74,21 +79,21 @@ def compute_stats_report(dataset: Any, column: str = "features") -> StatsReport:
                 piece = FeatureStats(int(count), np.asarray(mean, np.float64),
                                      np.asarray(m2, np.float64))
                 total = piece if total is None else total.merge(piece)
-    skipped = skipped_nonfinite_rows() - before
+    skipped = skipped_rows() - before
     if total is None or total.count == 0:
-        raise DataValidationError(f"The dataset has no rows in column {column!r} (after "
-                                  f"skipping {skipped} non-finite rows): cannot compute "
+        raise EmptyDatasetError(f"The dataset has no rows in column {column!r} (after "
+                                  f"skipping {skipped} bad rows): cannot compute "
                                   "feature statistics")
     if skipped:
-        logger.warning("Skipped %d row(s) with NaN or infinity while reading; statistics are "
-                       "over the remaining %d rows", skipped, total.count)
+        logger.warning("Skipped %d bad row(s) or file(s) while reading; statistics are over "
+                       "the remaining %d rows", skipped, total.count)
     return StatsReport(total, skipped)
 
 
 def compute_stats(dataset: Any, column: str = "features") -> FeatureStats:
     """Count, mean and M2 per feature of ``column`` (float (n, d)) in one streaming pass.
 
-    Merging partials is exact up to float64 rounding, in any order. Rows skipped as non-finite
+    Merging partials is exact up to float64 rounding, in any order. Rows skipped as bad
     are logged (``cvae.data`` logger, WARNING); ``compute_stats_report`` also returns them.
 
     Example:

@@ -1,0 +1,185 @@
+"""Every path a user gives, as a pyarrow filesystem and a path inside it.
+
+``resolve`` turns a local path (``~`` expanded, made absolute), a ``file://`` URI or an
+object-store URI (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``) into a ``Location``.
+Credentials and endpoints come from the usual environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...); ``CVAE_FS_OPTIONS`` (JSON) or
+a job's ``--fs-option KEY=VALUE`` pass constructor arguments to the filesystem (for
+``pyarrow.fs.S3FileSystem``: ``endpoint_override``, ``region``, ``scheme``, ...). Listing,
+reading, writing and existence checks all go through the filesystem; a ``Location`` pickles, so
+Ray tasks on other nodes use the same filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from cvae_model.paths import is_uri, local_path
+
+__all__ = ["FS_OPTIONS_ENV", "Location", "list_files", "resolve"]
+
+logger = logging.getLogger("cvae.storage")
+
+FS_OPTIONS_ENV = "CVAE_FS_OPTIONS"
+_FILESYSTEMS = {"s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem",
+                "abfs": "AzureFileSystem", "abfss": "AzureFileSystem"}
+
+
+def _options(given: Mapping[str, Any] | None) -> dict[str, Any]:
+    if given is not None:
+        return dict(given)
+    text = os.environ.get(FS_OPTIONS_ENV)
+    if not text:
+        return {}
+    try:
+        return dict(json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{FS_OPTIONS_ENV} must be a JSON object of filesystem options, got "
+                         f"{text!r} ({exc})") from None
+
+
+def resolve(location: str | os.PathLike[str] | Location,
+            options: Mapping[str, Any] | None = None) -> Location:
+    """The filesystem and path of a user's path or URI.
+
+    Example:
+        >>> resolve("~/data").uri  # doctest: +SKIP
+        '/home/me/data'
+        >>> resolve("s3://bucket/digits").path  # doctest: +SKIP
+        'bucket/digits'
+    """
+    if isinstance(location, Location):
+        return location
+    text = os.fspath(location)
+    if not is_uri(text) or text.startswith("file://"):
+        path = local_path(text).as_posix()
+        return Location(pafs.LocalFileSystem(), path, path)
+    scheme, rest = text.split("://", 1)
+    extra = _options(options)
+    try:
+        if extra and scheme.lower() in _FILESYSTEMS:
+            filesystem = getattr(pafs, _FILESYSTEMS[scheme.lower()])(**extra)
+            path = rest
+        else:
+            filesystem, path = pafs.FileSystem.from_uri(text)
+    except (OSError, TypeError, ValueError) as exc:  # ArrowInvalid is a ValueError
+        raise ValueError(f"Cannot open {text}: {exc}. Object stores take their credentials and "
+                         f"endpoint from the environment (AWS_ENDPOINT_URL, ...) or "
+                         f"{FS_OPTIONS_ENV}.") from None
+    return Location(filesystem, path.rstrip("/"), f"{scheme}://{rest.rstrip('/')}")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A path on a filesystem: what ``resolve`` returns. ``uri`` is for people and manifests."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def join(self, *parts: str) -> Location:
+        rel = "/".join(p.strip("/") for p in parts if p)
+        return Location(self.filesystem, f"{self.path}/{rel}", f"{self.uri}/{rel}")
+
+    def parent(self) -> Location:
+        path, uri = self.path.rsplit("/", 1)[0], self.uri.rsplit("/", 1)[0]
+        return Location(self.filesystem, path or "/", uri or "/")
+
+    def info(self) -> pafs.FileInfo:
+        return self.filesystem.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.info().type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as stream:
+            return stream.read()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write a whole object (on object stores one PUT: readers see all of it or nothing)."""
+        self.parent().mkdir()
+        with self.filesystem.open_output_stream(self.path) as stream:
+            stream.write(data)
+
+    def mkdir(self) -> None:
+        self.filesystem.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
+        """Remove a directory tree or a file; nothing if absent."""
+        kind = self.info().type
+        if kind == pafs.FileType.Directory:
+            self.filesystem.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.filesystem.delete_file(self.path)
+
+    def children(self) -> list[pafs.FileInfo]:
+        """Entries directly inside this directory (empty when it does not exist)."""
+        if not self.is_dir():
+            return []
+        return self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=False))
+
+
+def list_files(root: Location, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """Paths (relative to ``root``, '/'-separated) of the files below it ending in ``suffixes``.
+
+    Names starting with '.' or '_' (temporaries, manifests) are skipped. On a local disk,
+    symlinked folders are followed (a link back into a folder already visited is skipped with a
+    warning naming it); object stores have no links.
+    """
+    if root.is_local:
+        yield from _walk_local(Path(root.path), suffixes)
+        return
+    selector = pafs.FileSelector(root.path, recursive=True)
+    prefix = len(root.path.rstrip("/")) + 1
+    for info in root.filesystem.get_file_info(selector):
+        rel = info.path[prefix:]
+        if (info.type == pafs.FileType.File and rel.endswith(suffixes)
+                and not any(part.startswith((".", "_")) for part in rel.split("/"))):
+            yield rel
+
+
+def _walk_local(root: Path, suffixes: tuple[str, ...]) -> Iterator[str]:
+    seen = {os.path.realpath(root)}
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith((".", "_")):
+                    continue
+                name = f"{rel}{entry.name}"
+                if entry.is_dir(follow_symlinks=True):
+                    real = os.path.realpath(entry.path)
+                    if real in seen:
+                        logger.warning("%s: a link to a folder already read (%s); skipped",
+                                       entry.path, real)
+                        continue
+                    seen.add(real)
+                    stack.append((Path(entry.path), f"{name}/"))
+                elif entry.name.endswith(suffixes) and entry.is_file(follow_symlinks=True):
+                    yield name
