@@ -8,9 +8,10 @@ trains nothing (a default 784->2 model with its initial weights embeds at the sa
 - job: ``pipeline.inference.run_bulk_embedding`` on a local Ray runtime with the same cores.
 
 The job's time is its own (model resolution, reading, embedding, writing, row accounting);
-starting the local Ray runtime (about 4 s here) is excluded. Peak memory is the largest sum of RSS over the job's process tree (the driver and every Ray
-process it started), sampled every 0.1 s in a fresh process per size; shared object-store pages
-count once per process mapping them, so this is an upper bound.
+starting the local Ray runtime (about 4 s here) is excluded. Peak memory is the largest sum of
+RSS over the job's process tree (the driver and every Ray process it started), sampled every
+0.1 s in a fresh process per size; shared object-store pages count once per process mapping
+them, so this is an upper bound.
 
     python -m benchmarks.bulk_embed [--rows 1000000] [--small-rows 100000] [--smoke]
 """

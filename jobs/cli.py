@@ -15,6 +15,7 @@ COMMANDS = {
     "embed": "embed a data set with a model into parquet (Ray Data batch job)",
     "decode": "decode a parquet of latent vectors into features",
     "models": "list registered models, set aliases, show versions",
+    "pack": "write a .npy tree as parquet shards with its ids (for data read many times)",
     "demo": "the end-to-end demo on scikit-learn's digits",
 }
 

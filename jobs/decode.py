@@ -1,50 +1,28 @@
-"""Decode latent vectors into features: ``python -m jobs.decode`` / ``cvae decode``.
+"""Decode latent vectors into features: ``cvae decode`` / ``python -m jobs.decode``.
 
-    cvae decode --model models:/mnist@champion --latents /data/mnist_z --output /data/mnist_back
+    cvae decode --model models:/mnist@champion --latents s3://bucket/mnist_z \\
+        --output s3://bucket/mnist_back [--npy-dir /data/mnist_back_npy]
 
-Input: parquet with ``id`` and a latent-vector column (``--column``, default ``embedding``, as
-``cvae embed`` writes). Output: parquet with ``id`` and ``features``; ``--npy-dir`` also writes one
-``.npy`` per id.
+Input: parquet with an id and a latent-vector column (``--column``, default ``embedding``, as
+``cvae embed`` writes; a cvae output is read as its manifest lists). Output: ``_manifest.json``
+and parquet parts with ``id`` and ``features``; ``--npy-dir`` also writes one ``.npy`` per id
+into a new folder (ids must be relative paths; they are refused otherwise).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from jobs.arguments import setup_logging
+from jobs.runner import config_parser, run_configured
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvae decode", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="URI")
-    parser.add_argument("--latents", required=True, help="parquet file or directory of latents")
-    parser.add_argument("--column", default="embedding", help="the latent-vector column")
-    parser.add_argument("--output", required=True, help="output parquet directory")
-    parser.add_argument("--npy-dir", default=None, help="also write one .npy per id here")
-    parser.add_argument("--num-actors", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging()
+    from pipeline.decoding import DecodeConfig, run_bulk_decoding
 
-    from pipeline.inference import OutputExistsError, run_bulk_decoding
-    from pipeline.registry import ModelNotFoundError
-    from pipeline.sources import DataValidationError
-
-    try:
-        rows = run_bulk_decoding(args.model, args.latents, args.output, column=args.column,
-                                 npy_dir=args.npy_dir, overwrite=args.overwrite,
-                                 num_actors=args.num_actors, batch_size=args.batch_size)
-    except (OutputExistsError, ModelNotFoundError, DataValidationError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"rows": rows, "output": args.output, "npy_dir": args.npy_dir}))
-    return 0
+    parser = config_parser("cvae decode", __doc__, [(DecodeConfig, "job")])
+    return run_configured(parser, argv, run_bulk_decoding, [DecodeConfig])
 
 
 if __name__ == "__main__":

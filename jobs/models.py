@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from jobs.arguments import setup_logging
+from jobs.runner import setup_logging
 
 __all__ = ["main"]
 
