@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import DataValidationError, SourceSpec, raise_data_errors, read_source
+from pipeline.errors import DataValidationError, raise_data_errors
+from pipeline.sources import SourceSpec, read_source
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,7 +96,7 @@ def test_nonfinite_row_fails_naming_it(ray_session: Any, tree: Path) -> None:
 def test_nonfinite_rows_skipped_on_request(ray_session: Any, tree: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
     np.save(tree / "class0" / "inf.npy", np.array([np.inf, 0, 0, 0, 0, 0], np.float32))
-    rows = _rows(read_source(SourceSpec(str(tree), on_nonfinite="skip")))
+    rows = _rows(read_source(SourceSpec(str(tree), on_error="skip")))
     assert len(rows) == 60 and "class0/inf.npy" not in rows
 
 
@@ -169,3 +170,91 @@ def test_estimator_trains_from_a_path_like_from_the_array(ray_session: Any, tmp_
     a, p = from_array.history_[-1]["val_loss"], from_path.history_[-1]["val_loss"]
     assert abs(a - p) <= 0.05 * a, (a, p)
     assert from_path.embed(valid).shape == (len(valid), 2)
+
+
+def test_integer_columns_are_not_guessed_as_features(ray_session: Any, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"row_id": np.arange(5), "label": np.arange(5) % 2,
+                             "a": np.ones(5), "b": np.zeros(5, np.float32)}), path)
+    with caplog.at_level("WARNING", logger="cvae.data"):
+        rows = _rows(read_source(SourceSpec(str(path))))
+    assert rows[0]["features"].shape == (2,)  # a and b only
+    assert "left out the integer/boolean column(s) row_id, label" in caplog.text
+
+
+def test_symlinked_folders_are_followed_and_loops_named(ray_session: Any, tree: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    outside = tree.parent / "elsewhere"
+    outside.mkdir()
+    np.save(outside / "linked.npy", np.ones(6, np.float32))
+    (tree / "link").symlink_to(outside, target_is_directory=True)
+    (tree / "class0" / "loop").symlink_to(tree, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="cvae.storage"):
+        rows = _rows(read_source(SourceSpec(str(tree))))
+    assert "link/linked.npy" in rows and len(rows) == 61
+    assert "loop: a link to a folder already read" in caplog.text
+
+
+def test_a_stray_parquet_in_a_tree_is_named(ray_session: Any, tree: Path) -> None:
+    pq.write_table(pa.table({"x": [1.0]}), tree / "class1" / "stray.parquet")
+    with pytest.raises(DataValidationError, match=r"holds both \.npy files \(.*\.npy\) and \.parquet "
+                                                  r"files \(.*class1/stray\.parquet\)"):
+        read_source(SourceSpec(str(tree)))
+
+
+def test_extreme_validation_values_stop_training_with_a_named_feature(tmp_path: Path) -> None:
+    from cvae_model import CompressionVAE
+    from cvae_model.training import NonFiniteTrainingError
+
+    rng = np.random.default_rng(0)
+    valid = rng.normal(size=(20, 5))
+    valid[7, 3] = 1e30
+    model = CompressionVAE(rng.normal(size=(200, 5)), X_valid=valid, logdir=tmp_path,
+                           cells_encoder=[8], random_state=0)
+    with pytest.raises(NonFiniteTrainingError, match=r"validation loss of a row is not finite: its "
+                                                     r"feature 3 is .*e\+(29|30) after normalization"):
+        model.train(num_steps=10, verbose=False)
+
+
+def test_file_with_another_dtype(ray_session: Any, tree: Path) -> None:
+    np.save(tree / "class0" / "zdouble.npy", np.zeros(6, np.float64))
+    with pytest.raises(DataValidationError, match=r"zdouble\.npy: .*dtype float64, expected .*float32"):
+        _rows(read_source(SourceSpec(str(tree))))
+
+
+def test_non_numeric_npy(ray_session: Any, tree: Path) -> None:
+    np.save(tree / "class0" / "text.npy", np.array(list("abcdef")))
+    with pytest.raises(DataValidationError, match=r"text\.npy: dtype <U1 is not numeric"):
+        _rows(read_source(SourceSpec(str(tree))))
+
+
+def test_a_bad_first_file_is_named_by_the_driver(tmp_path: Path) -> None:
+    (tmp_path / "0.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(DataValidationError, match=r"0\.npy: corrupt"):
+        read_source(SourceSpec(str(tmp_path)))
+
+
+def test_a_2d_array_per_file(tmp_path: Path) -> None:
+    np.save(tmp_path / "0.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(DataValidationError, match=r"0\.npy: shape \(2, 3\); each .npy file must hold one"):
+        read_source(SourceSpec(str(tmp_path)))
+
+
+def test_a_single_file_that_is_not_parquet(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataValidationError, match=r"notes\.txt: expected a directory tree"):
+        read_source(SourceSpec(str(tmp_path / "notes.txt")))
+
+
+def test_a_scalar_column_that_is_not_numeric(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"name": ["a", "b"]}), tmp_path / "t.parquet")
+    with pytest.raises(DataValidationError, match=r"column 'name' has type string; expected numbers"):
+        read_source(SourceSpec(str(tmp_path / "t.parquet"), columns=("name",)))
+
+
+def test_nonfinite_parquet_rows_skipped_on_request(ray_session: Any, tmp_path: Path) -> None:
+    pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], [3.0, float("inf")]])}), tmp_path / "i.parquet")
+    with raise_data_errors():
+        kept = read_source(SourceSpec(str(tmp_path / "i.parquet"), column="x", on_error="skip")).take_all()
+    assert [row["id"] for row in kept] == [0]

@@ -10,16 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources import (
-    DataValidationError,
-    SourceSpec,
-    add_source_arguments,
-    feature_dim,
-    iter_feature_batches,
-    raise_data_errors,
-    read_source,
-    source_from_args,
-)
+from jobs.arguments import add_config_arguments, config_from_args
+from pipeline.errors import raise_data_errors
+from pipeline.prepare import epoch_batches
+from pipeline.sources import SourceSpec, feature_dim, read_source
 
 D = 8
 
@@ -62,7 +56,7 @@ def test_npy_tree_rows_ids_features_labels(ray_session: object,
         assert label == rel.rpartition("/")[0]
     assert "" in set(out["label"]) and "digit3/part1" in set(out["label"])
     assert feature_dim(SourceSpec(str(root))) == D
-    lazy = list(iter_feature_batches(read_source(SourceSpec(str(root))), 300, seed=0, epoch=0))
+    lazy = list(epoch_batches(read_source(SourceSpec(str(root))), seed=0)(0, 300))
     assert sum(len(b) for b in lazy) == 2000 and lazy[0].shape == (300, D)
 
 
@@ -144,117 +138,25 @@ def test_array_source_with_ids(ray_session: object) -> None:
     assert feature_dim(x) == 3
 
 
-# ---------------------------------------------------------------------------- bad inputs
-@pytest.fixture
-def small_tree(tmp_path: Path) -> Path:
-    (tmp_path / "a").mkdir()
-    for i in range(6):
-        np.save(tmp_path / "a" / f"ok{i}.npy", np.full(4, i, np.float32))
-    return tmp_path
-
-
-@pytest.mark.timeout(120)
-def test_npy_bad_files_are_named(ray_session: object, small_tree: Path) -> None:
-    np.save(small_tree / "a" / "wide.npy", np.zeros(5, np.float32))
-    with pytest.raises(DataValidationError, match=r"a/wide\.npy: shape \(5,\).*expected shape \(4,\)"):
-        _read(SourceSpec(str(small_tree)))
-    (small_tree / "a" / "wide.npy").unlink()
-    np.save(small_tree / "a" / "zdouble.npy", np.zeros(4, np.float64))
-    with pytest.raises(DataValidationError, match=r"a/zdouble\.npy: .*dtype float64, expected .*float32"):
-        _read(SourceSpec(str(small_tree)))
-    (small_tree / "a" / "zdouble.npy").unlink()
-    np.save(small_tree / "a" / "pickled.npy", np.array([{"a": 1}, 2, 3, 4], dtype=object),
-            allow_pickle=True)
-    with pytest.raises(DataValidationError, match=r"a/pickled\.npy: holds a pickled"):
-        _read(SourceSpec(str(small_tree)))
-    (small_tree / "a" / "pickled.npy").unlink()
-    np.save(small_tree / "a" / "text.npy", np.array(["a", "b", "c", "d"]))
-    with pytest.raises(DataValidationError, match=r"a/text\.npy: dtype <U1 is not numeric"):
-        _read(SourceSpec(str(small_tree)))
-    (small_tree / "a" / "text.npy").unlink()
-    np.save(small_tree / "a" / "short.npy", np.zeros(4, np.float32))
-    data = (small_tree / "a" / "short.npy").read_bytes()
-    (small_tree / "a" / "short.npy").write_bytes(data[:-6])
-    with pytest.raises(DataValidationError, match=r"a/short\.npy: corrupt or truncated"):
-        _read(SourceSpec(str(small_tree)))
-
-
-@pytest.mark.timeout(120)
-def test_first_file_is_checked_in_the_driver(tmp_path: Path) -> None:
-    (tmp_path / "0.npy").write_bytes(b"not a numpy file at all")
-    with pytest.raises(DataValidationError, match=r"0\.npy: corrupt"):
-        read_source(SourceSpec(str(tmp_path)))
-    (tmp_path / "0.npy").unlink()
-    np.save(tmp_path / "0.npy", np.zeros((2, 3), np.float32))
-    with pytest.raises(DataValidationError, match=r"0\.npy: shape \(2, 3\); each .npy file must hold one"):
-        read_source(SourceSpec(str(tmp_path)))
-
-
-@pytest.mark.timeout(120)
-def test_nonfinite_rows_error_or_skip(ray_session: object, small_tree: Path) -> None:
-    from pipeline.stats import compute_stats_report
-
-    np.save(small_tree / "a" / "nan.npy", np.array([0, np.nan, 1, 2], np.float32))
-    with pytest.raises(DataValidationError, match=r"row id 'a/nan\.npy' contains NaN"):
-        _read(SourceSpec(str(small_tree)))
-    report = compute_stats_report(read_source(SourceSpec(str(small_tree), on_nonfinite="skip")))
-    assert report.stats.count == 6 and report.skipped_nonfinite == 1
-    np.testing.assert_allclose(report.stats.mean, np.full(4, 2.5))
-
-
-@pytest.mark.timeout(60)
-def test_missing_and_empty_sources(ray_session: object, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"nowhere"):
-        read_source(SourceSpec(str(tmp_path / "nowhere")))
-    (tmp_path / "empty" / "sub").mkdir(parents=True)
-    with pytest.raises(DataValidationError, match=r"empty: no \.npy files found"):
-        read_source(SourceSpec(str(tmp_path / "empty")))
-    pq.write_table(pa.table({"x": pa.array([], pa.list_(pa.float32()))}), tmp_path / "z.parquet")
-    with pytest.raises(DataValidationError, match=r"z\.parquet: the parquet data set has no rows"):
-        read_source(SourceSpec(str(tmp_path / "z.parquet"), column="x"))
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataValidationError, match=r"notes\.txt: expected a directory tree"):
-        read_source(SourceSpec(str(tmp_path / "notes.txt")))
-
-
-@pytest.mark.timeout(120)
-def test_bad_parquet_columns_are_named(ray_session: object, tmp_path: Path) -> None:
-    path = tmp_path / "t.parquet"
-    pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], [3.0, 4.0], [5.0], [6.0, 7.0]]),
-                             "name": ["a", "b", "c", "d"], "k": ["r0", "r1", "r2", "r3"]}), path)
-    with pytest.raises(DataValidationError, match=r"no column 'pixels'; the columns are \['x', 'name', 'k'\]"):
-        read_source(SourceSpec(str(path), column="pixels"))
-    with pytest.raises(DataValidationError, match=r"column 'x' holds a list of length 1 at row id 'r2'; expected 2"):
-        _read(SourceSpec(str(path), column="x", id_column="k"))
-    with pytest.raises(DataValidationError, match=r"column 'name' has type string; expected numbers"):
-        read_source(SourceSpec(str(path), columns=("name",)))
-    pq.write_table(pa.table({"x": pa.array([[1.0, 2.0], [3.0, float("inf")]])}),
-                   tmp_path / "inf.parquet")
-    with pytest.raises(DataValidationError, match=r"inf\.parquet \(row group 0\): row id 1 contains NaN"):
-        _read(SourceSpec(str(tmp_path / "inf.parquet"), column="x"))
-    kept = _read(SourceSpec(str(tmp_path / "inf.parquet"), column="x", on_nonfinite="skip"))
-    np.testing.assert_array_equal(kept["id"], [0])
-
-
 # ---------------------------------------------------------------------------- CLI, batches
 def test_source_arguments_round_trip() -> None:
     parser = argparse.ArgumentParser()
-    add_source_arguments(parser)
+    add_config_arguments(parser, SourceSpec)
     args = parser.parse_args(["--data", "~/d", "--columns", "a, b,c", "--id-column", "k",
-                              "--on-nonfinite", "skip"])
-    assert source_from_args(args) == SourceSpec("~/d", None, ("a", "b", "c"), "k", "skip")
-    assert source_from_args(parser.parse_args(["--data", "p"])) == SourceSpec("p")
+                              "--on-error", "skip"])
+    assert config_from_args(args, SourceSpec) == SourceSpec("~/d", None, ("a", "b", "c"), "k", "skip")
+    assert config_from_args(parser.parse_args(["--data", "p"]), SourceSpec) == SourceSpec("p")
     with pytest.raises(ValueError, match=r"either column .* or columns"):
         SourceSpec("p", column="x", columns=("a",))
 
 
 @pytest.mark.timeout(120)
-def test_iter_feature_batches_shuffles_per_epoch_and_drops_nothing(ray_session: object) -> None:
+def test_epoch_batches_shuffle_per_epoch_and_drop_nothing(ray_session: object) -> None:
     x = np.arange(5000 * 2, dtype=np.float32).reshape(5000, 2)
     ds = read_source(x).repartition(10).materialize()
     epochs = {}
     for epoch in (0, 1):
-        batches = list(iter_feature_batches(ds, 512, seed=3, epoch=epoch))
+        batches = list(epoch_batches(ds, seed=3)(epoch, 512))
         assert [len(b) for b in batches] == [512] * 9 + [5000 - 9 * 512]
         assert all(b.dtype == np.float32 and b.shape[1] == 2 for b in batches)
         rows = np.concatenate(batches)
@@ -262,5 +164,5 @@ def test_iter_feature_batches_shuffles_per_epoch_and_drops_nothing(ray_session: 
         epochs[epoch] = rows[:, 0]
     assert not np.array_equal(epochs[0], epochs[1])
     assert not np.array_equal(epochs[0], x[:, 0])
-    again = np.concatenate(list(iter_feature_batches(ds, 512, seed=3, epoch=0)))[:, 0]
+    again = np.concatenate(list(epoch_batches(ds, seed=3)(0, 512)))[:, 0]
     np.testing.assert_array_equal(again, epochs[0])  # reproducible on a materialized dataset

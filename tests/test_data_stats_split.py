@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from cvae_model.normalization import FeatureStats
-from pipeline.sources import DataValidationError, SourceSpec, read_source
+from pipeline.errors import DataValidationError
+from pipeline.sources import SourceSpec, read_source
 from pipeline.split import is_train_row, split_by_id
 from pipeline.stats import compute_stats, compute_stats_report
 
@@ -42,8 +43,8 @@ def test_stats_errors_are_unwrapped(ray_session: object, tmp_path: Path) -> None
         compute_stats(read_source(SourceSpec(str(tmp_path))))
     with pytest.raises(DataValidationError, match=r"no column 'pixels'; its columns are"):
         compute_stats(read_source(np.ones((4, 2))), column="pixels")
-    report = compute_stats_report(read_source(SourceSpec(str(tmp_path), on_nonfinite="skip")))
-    assert (report.stats.count, report.skipped_nonfinite) == (3, 1)
+    report = compute_stats_report(read_source(SourceSpec(str(tmp_path), on_error="skip")))
+    assert (report.stats.count, report.skipped) == (3, 1)
 
 
 @pytest.mark.timeout(120)

@@ -33,14 +33,16 @@ def test_smoke_demo_trains_registers_embeds_and_plots(ray_session: Any, tmp_path
     assert len(list((out / "data" / "npy").rglob("*.npy"))) == 1797
 
     import mlflow
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(summary["embeddings_parquet"])
+    from pipeline.outputs import read_output
+
+    table = read_output(summary["embeddings"])
     assert table.num_rows == 1797 and len(set(table.column("id").to_pylist())) == 1797
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     version = client.get_model_version_by_alias("cvae-demo", "champion")
     assert version.run_id == summary["mlflow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "plots")}
     assert artifacts == {"plots/embedding.png", "plots/latent_grid.png", "plots/training_curves.png"}
     assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout
+    # A log with stderr to a file is readable: whole lines, no per-step bar fragments.
+    assert "\r" not in done.stderr

@@ -1,12 +1,13 @@
 """Bulk embedding beyond the basics: anomaly scores, registered models, the job's MLflow run.
 
-``tests/test_bulk_embed.py`` covers ids, equality with the estimator, atomicity, bad files and
-decoding; these tests cover what the job adds on top.
+``tests/test_bulk_embed.py`` covers ids, equality with the estimator, outputs and refusals;
+these tests cover what the job adds on top.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,14 @@ import pytest
 import torch
 
 from cvae_model import CompressionVAE
-from cvae_model.checkpoint import load_checkpoint
 from jobs import embed as embed_job
+from pipeline.errors import DataValidationError
 from pipeline.inference import EmbedConfig, run_bulk_embedding
-from pipeline.registry import download_checkpoint, register_run_model
-from pipeline.sources import DataValidationError, SourceSpec
-from pipeline.tracking import ensure_experiment
+from pipeline.model_uri import resolve_model
+from pipeline.outputs import read_manifest, read_output
+from pipeline.registry import publish
+from pipeline.sources import SourceSpec
+from pipeline.tracking import RunTracker, tracking_uri
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("cvae_home")]
 N, D = 600, 16
@@ -58,7 +61,7 @@ def parquet(tmp_path_factory: pytest.TempPathFactory, rows: np.ndarray) -> Path:
 
 def _expected_scores(model_dir: Path, x: np.ndarray, samples: int, seed: int) -> np.ndarray:
     """Negative ELBO averaged over ``samples`` fixed-seed draws, computed without Ray."""
-    checkpoint = load_checkpoint(download_checkpoint(model_dir))  # as the job resolves it
+    checkpoint = resolve_model(str(model_dir)).checkpoint  # as the job resolves it
     model = checkpoint.build_model().eval()
     xn = torch.from_numpy(checkpoint.normalizer.transform(x).astype(np.float32))
     eps = torch.randn((samples, checkpoint.model_config.dim_latent),
@@ -75,9 +78,9 @@ def test_scores_do_not_depend_on_batching_or_actors(ray_session: Any, parquet: P
     source = SourceSpec(str(parquet), column="x", id_column="name")
     frames = []
     for name, batch, actors in (("a", 37, 1), ("b", 500, 2)):
-        run_bulk_embedding(EmbedConfig(str(model_dir), source, str(tmp_path / name),
-                                       batch_size=batch, num_actors=actors, with_score=True,
-                                       score_samples=4, track=False, progress=False))
+        run_bulk_embedding(source, EmbedConfig(str(model_dir), str(tmp_path / name),
+                                               batch_size=batch, num_actors=actors, with_score=True,
+                                               score_samples=4, track=False, progress=False))
         # pandas alone reads the output (no Ray, no pyarrow call of ours).
         frame = pd.read_parquet(tmp_path / name).set_index("id")
         frames.append(frame.loc[[f"r{i}" for i in range(N)]])
@@ -96,30 +99,29 @@ def test_scores_do_not_depend_on_batching_or_actors(ray_session: Any, parquet: P
 def test_registered_alias_is_resolved_and_the_job_is_an_mlflow_run(
         ray_session: Any, parquet: Path, model_dir: Path, rows: np.ndarray, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    experiment = ensure_experiment("publish")
-    run = mlflow.MlflowClient().create_run(experiment)
-    version = register_run_model(run.info.run_id, download_checkpoint(model_dir), "emb",
-                                 aliases=["champion"])
+    run = RunTracker().start("publish")
+    version = publish(run.run_id, resolve_model(str(model_dir)).checkpoint, "emb",
+                      aliases=["champion"])
     out = tmp_path / "z"
     code = embed_job.main(["--model", "models:/emb@champion", "--data", str(parquet),
                            "--column", "x", "--id-column", "name", "--output", str(out),
                            "--experiment", "embed-test", "--quiet"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert (manifest["model_name"], manifest["model_version"]) == ("emb", version)
     assert manifest["rows_in"] == manifest["rows_out"] == N and manifest["rows_skipped"] == 0
-    assert manifest["source"]["column"] == "x" and manifest["rows_per_s"] > 0
-    assert not Path(manifest["checkpoint"]).exists()  # the job's download was cleaned up
+    assert manifest["checkpoint"] == f"models:/emb/{version}" and manifest["rows_per_s"] > 0
+    assert not list(Path(tempfile.gettempdir()).glob("cvae-model-*"))  # no download left behind
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri())
     job_run = client.get_run(summary["mlflow_run_id"])
     assert job_run.info.status == "FINISHED"
-    assert job_run.data.params["model_uri"] == "models:/emb@champion"
+    assert job_run.data.params["model"] == "models:/emb@champion"
     assert job_run.data.params["model_version"] == version
-    assert job_run.data.params["output"] == str(out)
+    assert job_run.data.params["output"] == str(out) and job_run.data.params["source.column"] == "x"
     assert job_run.data.metrics["rows_out"] == N and job_run.data.metrics["rows_per_s"] > 0
-    frame = pd.read_parquet(out)
+    frame = read_output(out).to_pandas()
     expected = CompressionVAE.load(model_dir).embed(rows[[int(i[1:]) for i in frame["id"]]])
     np.testing.assert_allclose(np.stack(frame["embedding"]), expected, rtol=0, atol=1e-5)
 
@@ -129,9 +131,9 @@ def test_registered_alias_is_resolved_and_the_job_is_an_mlflow_run(
     np.save(bad / "a.npy", np.ones(D, np.float32))
     np.save(bad / "b.npy", np.full(D, np.nan, np.float32))
     with pytest.raises(DataValidationError, match=r"b\.npy"):
-        run_bulk_embedding(EmbedConfig("models:/emb@champion", SourceSpec(str(bad)),
-                                       str(tmp_path / "bad_z"), experiment="embed-test",
-                                       progress=False))
+        run_bulk_embedding(SourceSpec(str(bad)), EmbedConfig("models:/emb@champion",
+                                                             str(tmp_path / "bad_z"),
+                                                             experiment="embed-test", progress=False))
     assert not (tmp_path / "bad_z").exists()
     runs = client.search_runs([client.get_experiment_by_name("embed-test").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
@@ -146,12 +148,12 @@ def test_skip_when_the_first_file_is_the_bad_one(ray_session: Any, model_dir: Pa
         np.save(tree / "a" / f"{i:03d}.npy", rows[i])
     (tree / "a" / "000.npy").write_bytes(b"\x93NUMPY garbage")  # the reference file, corrupt
     np.save(tree / "a" / "039.npy", rows[39].astype(np.float64))  # wrong dtype
-    summary = run_bulk_embedding(EmbedConfig(str(model_dir), SourceSpec(str(tree)),
-                                             str(tmp_path / "z"), on_error="skip", track=False,
+    summary = run_bulk_embedding(SourceSpec(str(tree), on_error="skip"),
+                                 EmbedConfig(str(model_dir), str(tmp_path / "z"), track=False,
                                              progress=False))
-    errors = pq.read_table(tmp_path / "z" / "_errors.parquet").to_pandas()
+    errors = pq.read_table(tmp_path / "z" / read_manifest(tmp_path / "z")["errors"]).to_pandas()
     assert list(errors["id"]) == ["a/000.npy", "a/039.npy"]
     assert "corrupt" in errors["reason"][0] and "dtype float64" in errors["reason"][1]
-    frame = pd.read_parquet(tmp_path / "z")
+    frame = read_output(tmp_path / "z").to_pandas()
     assert sorted(frame["id"]) == [f"a/{i:03d}.npy" for i in range(1, 39)]
     assert (summary.rows_in, summary.rows_out, summary.rows_skipped) == (40, 38, 2)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from sklearn.datasets import load_digits
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -17,20 +18,33 @@ def knn_accuracy(z: np.ndarray, y: np.ndarray) -> float:
     return float(cross_val_score(KNeighborsClassifier(10), z, y, cv=5).mean())
 
 
+def readme_library_example() -> str:
+    """The first Python block of README.md's "Library use" section, as a user would paste it."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Library use"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_default_training_on_digits_separates_classes(tmp_path: Path) -> None:
-    X, y = load_digits(return_X_y=True)
-    embedder = CompressionVAE(X, logdir=tmp_path / "digits", random_state=0)
-    before = knn_accuracy(embedder.embed(X), y)
-    embedder.train(verbose=False)
-    after = knn_accuracy(embedder.embed(X), y)
-    history = embedder.history_
-    assert before < 0.5, before
-    assert after >= 0.80, after
+@pytest.mark.timeout(400)
+def test_the_readme_library_example_runs_and_learns(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = CompressionVAE(load_digits().data, random_state=0, logdir=tmp_path / "untrained")
+    before.train(num_steps=0, verbose=False)
+    namespace: dict[str, object] = {}
+    exec(compile(readme_library_example(), "README.md", "exec"), namespace)
+    embedder, z = namespace["embedder"], namespace["z"]
+    y = load_digits().target
+    assert isinstance(embedder, CompressionVAE) and z.shape == (1797, 2)  # type: ignore[union-attr]
+    assert knn_accuracy(before.embed(load_digits().data), y) < 0.5
+    assert knn_accuracy(z, y) >= 0.80  # type: ignore[arg-type]
+    history = embedder.history_  # type: ignore[union-attr]
     assert history[-1]["val_loss"] < 0.8 * history[0]["val_loss"]
     # The plateau rule stopped training before the 50k-step cap.
-    assert embedder.state_.converged and embedder.state_.step < 50_000
+    assert embedder.state_.converged and embedder.state_.step < 50_000  # type: ignore[union-attr]
+    for name in ("embedding.png", "grid.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Distributed training on Ray Train: equivalence, accuracy, fault recovery, resume, MLflow."""
+"""Distributed training on Ray Train: equivalence with the in-process loop, resume rules across
+launchers, fault recovery, --resume, refusals, MLflow."""
 
 from __future__ import annotations
 
@@ -11,31 +12,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray.cloudpickle as cloudpickle
 import mlflow
 import numpy as np
 import pytest
+import ray.cloudpickle as cloudpickle
 import torch
-from sklearn.datasets import load_digits
+from conftest import REPO
 
 from cvae_model import CompressionVAE
-from cvae_model.checkpoint import CHECKPOINT_FILES
+from cvae_model.checkpoint import load_checkpoint
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.training import make_optimizer, train_step
 from cvae_model.vae import VAE
 from pipeline.ray_training import DistributedConfig, run_distributed_training
+from pipeline.tracking import tracking_uri
 
-REPO = Path(__file__).resolve().parents[1]
-# Ray workers cannot import this test module: ship its functions by value.
+# Ray workers cannot import this test module: ship its functions and classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MODEL_ARGS = {"dim_latent": 2, "iaf_flow_length": 2, "cells_encoder": (32, 16)}
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    X, y = load_digits(return_X_y=True)
-    return X.astype(np.float32), y
 
 
 def _equivalence_worker(config: dict[str, Any]) -> None:
@@ -84,60 +79,103 @@ def test_two_workers_one_step_equals_one_in_process_step_of_twice_the_batch(
             assert not torch.equal(initial[name], value) or "mask" in name
 
 
+def _weights_and_adam(estimator: CompressionVAE) -> tuple[dict[str, np.ndarray], int, float]:
+    state = estimator.model_.state_dict()
+    adam = estimator.state_.optimizer
+    steps = {int(s["step"]) for s in adam["state"].values()}
+    assert len(steps) == 1
+    return ({k: v.numpy().copy() for k, v in state.items()}, steps.pop(),
+            float(adam["param_groups"][0]["lr"]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_training_continues_across_launchers_exactly(
+        ray_session: Any, cvae_home: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """N steps in process then M on Ray Train (1 worker), and the reverse, equal N + M steps in
+    process: the same step, optimizer state, learning rate and batch (and noise) sequence."""
+    X = digits[0][:600]
+    train_args = {"lr_scheduling": False, "test_every": 40, "verbose": False}
+    params = {"random_state": 3, "batch_size": 32, **MODEL_ARGS}
+
+    straight = CompressionVAE(X, logdir=tmp_path / "straight", **params).train(num_steps=60, **train_args)
+    expected, adam_steps, lr = _weights_and_adam(straight)
+    assert adam_steps == 60
+
+    for first, then in ((0, 1), (1, 0)):
+        split = CompressionVAE(X, logdir=tmp_path / f"split{first}", num_workers=first, **params)
+        split.train(num_steps=40, **train_args)
+        split.set_params(num_workers=then)
+        split.train(num_steps=20, **train_args)
+        weights, steps, split_lr = _weights_and_adam(split)
+        assert (split.state_.step, steps, split_lr) == (60, 60, lr)
+        for name, value in expected.items():
+            np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+        saved = load_checkpoint(tmp_path / f"split{first}" / "checkpoint-000000060")
+        assert saved.train_config is not None and saved.train_config.seed == 3
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_worker_training_matches_in_process_and_is_tracked(
         ray_session: Any, cvae_home: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
     X, _ = digits
     train, valid = X[:1500], X[1500:]
-    steps, batch = 600, 64
+    steps = 600
     local = CompressionVAE(train, X_valid=valid, logdir=tmp_path / "local", random_state=0,
                            **MODEL_ARGS)  # type: ignore[arg-type]
     local.train(num_steps=steps, lr_scheduling=False, test_every=100, verbose=False)
     local_val = local.history_[-1]["val_loss"]
 
-    config = TrainConfig(num_steps=steps, batch_size=batch, test_every=100, checkpoint_every=300,
+    config = TrainConfig(num_steps=steps, batch_size=64, test_every=100, checkpoint_every=300,
                          lr_scheduling=False, seed=0)
     result = run_distributed_training(train, MODEL_ARGS, config,
                                       DistributedConfig(num_workers=2, run_name="accuracy"),
                                       valid_source=valid)
     ray_val = result.metrics["val_loss"]
-    assert result.step == steps
+    assert result.checkpoint.train_state.step == steps
     assert abs(ray_val - local_val) <= 0.05 * local_val, (ray_val, local_val)
-
-    # The checkpoint is the one format, loadable by the estimator.
-    assert set(os.listdir(result.checkpoint_dir)) == CHECKPOINT_FILES
-    estimator = CompressionVAE.load(result.checkpoint_dir)
-    assert estimator.embed(valid).shape == (len(valid), 2)
+    assert [h["step"] for h in result.history] == list(range(0, steps + 1, 100))
 
     # MLflow: from a fresh process, params, metric history and artifacts are all there.
     script = f"""
-import json, mlflow, numpy as np
+import json, mlflow
 from pipeline.tracking import tracking_uri
-mlflow.set_tracking_uri(tracking_uri())
-c = mlflow.MlflowClient()
+c = mlflow.MlflowClient(tracking_uri())
 run = c.get_run({result.run_id!r})
 hist = c.get_metric_history(run.info.run_id, "val_loss")
 arts = [a.path for a in c.list_artifacts(run.info.run_id)]
 ckpts = [a.path for a in c.list_artifacts(run.info.run_id, "checkpoints")]
-cfg = json.load(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.json")))
-norm = np.load(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="normalization.npz"))
 print(json.dumps({{"status": run.info.status, "params": run.data.params, "steps": [m.step for m in hist],
-  "arts": arts, "ckpts": ckpts, "dim_latent": cfg["model"]["dim_latent"], "mean_len": len(norm["mean"]),
-  "tags": run.data.tags}}))
+  "arts": arts, "ckpts": ckpts, "tags": run.data.tags}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          cwd=REPO, env={**os.environ})
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["status"] == "FINISHED"
-    assert info["params"]["model.dim_latent"] == "2"
+    assert info["params"]["model.dim_latent"] == "2" and info["params"]["train.seed"] == "0"
     assert info["params"]["train.num_steps"] == str(steps)
     assert info["params"]["dist.num_workers"] == "2"
     assert sorted(set(info["steps"])) == list(range(0, steps + 1, 100))
-    assert {"config.json", "normalization.npz", "checkpoints"} <= set(info["arts"])
+    assert {"config.json", "checkpoints"} <= set(info["arts"])
     assert info["ckpts"] == ["checkpoints/checkpoint-000000300", "checkpoints/checkpoint-000000600"]
-    assert info["dim_latent"] == 2 and info["mean_len"] == 64
     assert info["tags"]["cvae.feature_dim"] == "64" and info["tags"]["cvae.train_rows"] == "1500"
+
+
+class KillRankOneAt:
+    """A training callback that kills rank 1's process once, at a given step (fault injection)."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_step(self, step: int, loss: float) -> None:
+        import ray.train
+
+        if (step == self.step and ray.train.get_context().get_world_rank() == 1
+                and not os.path.exists(self.marker)):
+            Path(self.marker).write_text(str(step))
+            time.sleep(3)  # let the controller register the last checkpoint, as real failures do
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -146,31 +184,43 @@ def test_killed_worker_restarts_from_the_latest_checkpoint(
         ray_session: Any, cvae_home: Path, tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> None:
     X, _ = digits
     config = TrainConfig(num_steps=300, batch_size=64, test_every=50, checkpoint_every=100,
-                         lr_scheduling=False, seed=0)
+                         lr_scheduling=False, seed=None)
     marker = tmp_path / "killed"
     result = run_distributed_training(
-        X, MODEL_ARGS, config,
-        DistributedConfig(num_workers=2, run_name="fault", max_failures=1,
-                          fault_injection={"step": 150, "marker": str(marker)}))
+        X, MODEL_ARGS, config, DistributedConfig(num_workers=2, run_name="fault", max_failures=1),
+        callbacks=[KillRankOneAt(150, str(marker))])
     assert marker.read_text() == "150"  # the worker really died at step 150
-    assert result.step == 300
-    client = mlflow.MlflowClient()
+    assert result.checkpoint.train_state.step == 300
+    client = mlflow.MlflowClient(tracking_uri())
     steps = [m.step for m in client.get_metric_history(result.run_id, "val_loss")]
     # Continuous and each step once: it resumed at the step-100 checkpoint. A restart from
     # scratch would have logged steps 0-100 twice; a lost checkpoint would leave a gap.
     assert sorted(steps) == list(range(0, 301, 50))
-    assert CompressionVAE.load(result.checkpoint_dir).embed(X[:10]).shape == (10, 2)
+    # seed=None drew a seed, recorded with the run and in the checkpoint (it no longer means 0).
+    seed = result.checkpoint.train_config.seed
+    assert isinstance(seed, int) and client.get_run(result.run_id).data.params["train.seed"] == str(seed)
+
+
+@pytest.mark.timeout(120)
+def test_an_empty_validation_split_is_refused_on_ray(ray_session: Any, cvae_home: Path,
+                                                     digits: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(ValueError, match=r"The validation split \(train_valid_split=1.0 of an "
+                                         r"in-memory array \(1797, 64\)\) has 0 row\(s\)"):
+        run_distributed_training(digits[0], MODEL_ARGS, TrainConfig(num_steps=10),
+                                 DistributedConfig(num_workers=2), train_valid_split=1.0)
+    tiny = digits[0][:3]
+    with pytest.raises(ValueError, match=r"has 1 row\(s\); at least 2 are needed.*fewer workers"):
+        run_distributed_training(tiny, MODEL_ARGS, TrainConfig(num_steps=10, batch_size=2),
+                                 DistributedConfig(num_workers=2), valid_source=tiny[:1])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_killed_driver_resumes_with_resume_flag(ray_session: Any, cvae_home: Path,
-                                                tmp_path: Path) -> None:
+def test_killed_driver_resumes_and_a_reused_name_is_refused(ray_session: Any, cvae_home: Path,
+                                                            tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    data = tmp_path / "data.npy"
-    np.save(data, rng.normal(size=(600, 16)).astype(np.float32))
     tree = tmp_path / "tree"
-    for i, row in enumerate(np.load(data)):
+    for i, row in enumerate(rng.normal(size=(600, 16)).astype(np.float32)):
         (tree / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
         np.save(tree / f"d{i % 5}" / f"{i}.npy", row)
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
@@ -178,12 +228,10 @@ def test_killed_driver_resumes_with_resume_flag(ray_session: Any, cvae_home: Pat
     args = [sys.executable, "-m", "jobs.train", "--data", str(tree), "--num-workers", "2",
             "--num-steps", "600", "--checkpoint-every", "100", "--test-every", "50",
             "--no-lr-scheduling", "--run-name", "resumable", "--cells-encoder", "16,8",
-            "--iaf-flow-length", "1", "--seed", "0", "--quiet"]
+            "--iaf-flow-length", "1", "--quiet"]
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    storage = cvae_home / "ray_results" / "resumable"
-    deadline = time.time() + 180
-    snapshot = storage / "checkpoint_manager_snapshot.json"
+    snapshot = cvae_home / "ray_results" / "resumable" / "checkpoint_manager_snapshot.json"
 
     def registered() -> bool:
         # A checkpoint counts for a resume once Ray Train's controller has recorded it in its
@@ -193,18 +241,22 @@ def test_killed_driver_resumes_with_resume_flag(ray_session: Any, cvae_home: Pat
         except OSError:
             return False
 
+    deadline = time.time() + 180
     while time.time() < deadline and not registered():
         time.sleep(0.25)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert registered(), "no checkpoint before the kill"
 
-    mlflow.set_tracking_uri(f"sqlite:///{cvae_home / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    run = mlflow.search_runs(experiment_names=["cvae"], output_format="list")[0]
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert ("A Ray Train run named 'resumable' already exists" in again.stderr
+            and "pass --resume to continue it, or choose a new --run-name" in again.stderr)
+
+    client = mlflow.MlflowClient(f"sqlite:///{cvae_home / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("cvae").experiment_id])[0]
     killed_at = max(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
     assert killed_at < 600
-
     second = subprocess.run([*args, "--resume"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -213,9 +265,10 @@ def test_killed_driver_resumes_with_resume_flag(ray_session: Any, cvae_home: Pat
     assert summary["step"] == 600
     history = client.get_metric_history(run.info.run_id, "val_loss")
     assert sorted({m.step for m in history}) == list(range(0, 601, 50))
-    # Resumed from a checkpoint (>= 200), not from scratch: step 0 was validated only once.
+    # Resumed from a checkpoint, not from scratch: step 0 was validated only once.
     assert [m.step for m in history].count(0) == 1
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert summary["seed"] == int(client.get_run(run.info.run_id).data.params["train.seed"])
 
 
 @pytest.mark.slow
@@ -225,13 +278,9 @@ def test_estimator_trains_through_ray_train_with_num_workers(
     X, _ = digits
     estimator = CompressionVAE(X, logdir=tmp_path / "run", random_state=0, num_workers=2,
                                **MODEL_ARGS)  # type: ignore[arg-type]
-    before = estimator.embed(X[:20])
     estimator.train(num_steps=100, test_every=50, checkpoint_every=100, lr_scheduling=False)
     assert estimator.state_.step == 100
     assert (tmp_path / "run" / "checkpoint-000000100").is_dir()
-    assert not np.array_equal(before, estimator.embed(X[:20]))
-    # A second call continues the same model on Ray for 50 more steps.
-    estimator.train(num_steps=50, test_every=50, checkpoint_every=100, lr_scheduling=False)
-    assert estimator.state_.step == 150
+    assert [h["step"] for h in estimator.history_] == [0, 50, 100]
     restored = CompressionVAE(logdir=tmp_path / "run")
     assert np.array_equal(restored.embed(X[:20]), estimator.embed(X[:20]))

@@ -14,13 +14,24 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
+from registry_helpers import (  # noqa: F401 - data and trained are fixtures
+    EXPERIMENT,
+    data,
+    embed_in_fresh_process,
+    publish,
+    trained,
+    use_store,
+)
 
 from cvae_model import CompressionVAE
+from cvae_model.checkpoint import load_checkpoint
 from jobs import models as models_cli
+from pipeline.model_uri import resolve_model
 from pipeline.registry import (
     ModelNotFoundError,
+    client_for,
     describe_version,
-    download_checkpoint,
     list_models,
     log_cvae_model,
     register,
@@ -28,43 +39,7 @@ from pipeline.registry import (
 )
 from pipeline.tracking import ensure_experiment
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = "registry-test"
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def data() -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(200, 10)).astype(np.float32)
-
-
-def train_tiny(data: np.ndarray, logdir: Path, seed: int) -> CompressionVAE:
-    """A 10 -> 2 estimator trained for 50 steps (about a second)."""
-    model = CompressionVAE(data, logdir=logdir, random_state=seed, dim_latent=2,
-                           iaf_flow_length=1, cells_encoder=[16, 8])
-    return model.train(num_steps=50, test_every=25, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def trained(data: np.ndarray, tmp_path_factory: pytest.TempPathFactory
-            ) -> list[tuple[CompressionVAE, Path]]:
-    """Two fitted estimators (seeds 0 and 1) and their saved checkpoint directories."""
-    root = tmp_path_factory.mktemp("trained")
-    out = []
-    for seed in (0, 1):
-        model = train_tiny(data, root / f"logdir-{seed}", seed)
-        out.append((model, model.save(root / f"checkpoint-{seed}")))
-    return out
-
-
-def use_store(home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point ``CVAE_HOME`` and ``MLFLOW_TRACKING_URI`` at an embedded store under ``home``."""
-    home.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setenv("CVAE_HOME", str(home))
-    uri = f"sqlite:///{home.resolve() / 'mlflow.db'}"  # the embedded default, spelled out
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return uri
 
 
 @pytest.fixture()
@@ -91,32 +66,6 @@ def registered(shared_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return shared_store
 
 
-def publish(model: CompressionVAE, checkpoint: Path, name: str, aliases: list[str]) -> str:
-    """Log + register in an MLflow run, as a training job does; the new version."""
-    mlflow.set_experiment(experiment_id=ensure_experiment(EXPERIMENT))
-    with mlflow.start_run() as run:
-        mlflow.log_metric("val_loss", model.history_[-1]["val_loss"])
-        info = log_cvae_model(checkpoint)
-    version = register(info.model_uri, name, aliases, run_id=run.info.run_id)
-    return str(version.version)
-
-
-def embed_in_fresh_process(uri: str, X: np.ndarray, tmp: Path) -> dict[str, np.ndarray]:
-    """Embeddings by ``CompressionVAE.load(uri)`` and by ``mlflow.pyfunc.load_model(uri)`` in a
-    new Python process that sees only the environment (the tracking URI)."""
-    np.save(tmp / "x.npy", X)
-    script = (
-        "import sys, numpy as np, mlflow\n"
-        "from cvae_model import CompressionVAE\n"
-        "uri, x = sys.argv[1], np.load(sys.argv[2])\n"
-        "np.save(sys.argv[3], CompressionVAE.load(uri).embed(x))\n"
-        "np.save(sys.argv[4], mlflow.pyfunc.load_model(uri).predict(x))\n")
-    outputs = [tmp / "z_estimator.npy", tmp / "z_pyfunc.npy"]
-    subprocess.run([sys.executable, "-c", script, uri, str(tmp / "x.npy"), *map(str, outputs)],
-                   check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=90)
-    return {"estimator": np.load(outputs[0]), "pyfunc": np.load(outputs[1])}
-
-
 def test_register_alias_and_load_by_alias_in_a_fresh_process(
         store: str, tmp_path: Path, data: np.ndarray,
         trained: list[tuple[CompressionVAE, Path]]) -> None:
@@ -137,15 +86,16 @@ def test_the_registered_model_holds_code_and_numbers_not_pickles(
         store: str, tmp_path: Path, trained: list[tuple[CompressionVAE, Path]]) -> None:
     model, checkpoint = trained[0]
     publish(model, checkpoint, "embedder", [])
-    local = Path(mlflow.artifacts.download_artifacts("models:/embedder/1", dst_path=str(tmp_path)))
+    local = Path(mlflow.artifacts.download_artifacts("models:/embedder/1",
+                                                     dst_path=str(tmp_path / "download")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))]
     assert {"MLmodel", "pyfunc_model.py", "requirements.txt", "code/cvae_model/checkpoint.py",
-            f"artifacts/{checkpoint.name}/model.pt"} <= files
+            "code/cvae_model/fitted.py", "artifacts/checkpoint/model.pt"} <= files
     requirements = (local / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in requirements and "mlflow==3.17.2" in requirements
-    assert download_checkpoint(local) == local / "artifacts" / checkpoint.name
-    assert set(os.listdir(local / "artifacts" / checkpoint.name)) == {
+    assert resolve_model(str(local)).source == str(local / "artifacts" / "checkpoint")
+    assert set(os.listdir(local / "artifacts" / "checkpoint")) == {
         "config.json", "model.pt", "normalization.npz", "train_state.pt"}
 
 
@@ -158,11 +108,11 @@ def test_the_pyfunc_loads_where_cvae_is_not_installed(
     script = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
-        "sys.path[:] = [p for p in sys.path if p not in ('', %r)]\n"
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
         "import numpy as np, mlflow\n"
         "z = mlflow.pyfunc.load_model('models:/embedder@champion').predict(np.load('x.npy'))\n"
         "np.save('z.npy', z)\n"
-        "import cvae_model; print(cvae_model.__file__)\n") % str(REPO)
+        "import cvae_model; print(cvae_model.__file__)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, timeout=90,
                           capture_output=True, text=True)
@@ -224,10 +174,11 @@ def test_pyfunc_names_the_width_it_expects(registered: str) -> None:
 
 def test_register_takes_the_runs_validation_metrics(store: str,
                                                     trained: list[tuple[CompressionVAE, Path]]) -> None:
+    client_for()
     mlflow.set_experiment(experiment_id=ensure_experiment(EXPERIMENT))
     with mlflow.start_run():
         mlflow.log_metrics({"val_loss": 1.25, "val_kl": 0.5, "train_loss": 9.0})
-        info = log_cvae_model(trained[0][1])
+        info = log_cvae_model(load_checkpoint(trained[0][1]))
     version = register(info.model_uri, "embedder", ["champion"])
     assert describe_version("embedder", version.version).metrics == {"val_loss": 1.25, "val_kl": 0.5}
 
@@ -235,18 +186,19 @@ def test_register_takes_the_runs_validation_metrics(store: str,
 def test_runs_uri_and_local_directory_resolve_to_the_checkpoint(
         store: str, data: np.ndarray, trained: list[tuple[CompressionVAE, Path]]) -> None:
     model, checkpoint = trained[0]
+    client_for()
     mlflow.set_experiment(experiment_id=ensure_experiment(EXPERIMENT))
     with mlflow.start_run() as run:
-        log_cvae_model(checkpoint)  # MLflow 3 keeps it outside the run's artifacts
+        log_cvae_model(load_checkpoint(checkpoint))  # MLflow 3 keeps it outside the run's artifacts
         mlflow.log_artifacts(str(checkpoint), "checkpoints/final")
     for uri in (f"runs:/{run.info.run_id}/model", f"runs:/{run.info.run_id}/checkpoints/final"):
         assert np.array_equal(CompressionVAE.load(uri).embed(data[:20]), model.embed(data[:20]))
-    assert download_checkpoint(checkpoint) == checkpoint
+    assert resolve_model(str(checkpoint)).source == str(checkpoint)
 
 
 def test_log_outside_a_run_says_so(store: str, trained: list[tuple[CompressionVAE, Path]]) -> None:
     with pytest.raises(RuntimeError, match=r"logs into the active MLflow run"):
-        log_cvae_model(trained[0][1])
+        log_cvae_model(load_checkpoint(trained[0][1]))
 
 
 # ---------------------------------------------------------------------- bad references
@@ -258,12 +210,12 @@ def test_unknown_model_lists_the_registered_ones(registered: str) -> None:
 def test_unknown_alias_lists_the_aliases(registered: str) -> None:
     with pytest.raises(ModelNotFoundError,
                        match=r"Model 'embedder' has no alias 'prod'; aliases: champion \(version 1\)"):
-        download_checkpoint("models:/embedder@prod")
+        resolve_model("models:/embedder@prod")
 
 
 def test_unknown_version_lists_the_versions(registered: str) -> None:
     with pytest.raises(ModelNotFoundError, match=r"Model 'embedder' has no version 9; versions: 1$"):
-        download_checkpoint("models:/embedder/9")
+        resolve_model("models:/embedder/9")
 
 
 def test_unknown_run_artifact_lists_what_the_run_has(registered: str) -> None:
@@ -271,7 +223,7 @@ def test_unknown_run_artifact_lists_what_the_run_has(registered: str) -> None:
     with pytest.raises(ModelNotFoundError,
                        match=rf"runs:/{run_id}/modle: run {run_id} has no artifact or logged model "
                              r"'modle'; it has: model \(logged model\)"):
-        download_checkpoint(f"runs:/{run_id}/modle")
+        resolve_model(f"runs:/{run_id}/modle")
 
 
 def test_deleted_artifacts_are_named(store: str, trained: list[tuple[CompressionVAE, Path]]) -> None:
@@ -279,7 +231,7 @@ def test_deleted_artifacts_are_named(store: str, trained: list[tuple[Compression
     artifacts = Path(os.environ["CVAE_HOME"]) / "artifacts" / EXPERIMENT
     for weights in artifacts.rglob("model.pt"):  # the registered files vanish from the store
         weights.unlink()
-    with pytest.raises(ModelNotFoundError, match=r"models:/embedder@champion: the checkpoint in .* "
+    with pytest.raises(ModelNotFoundError, match=r"models:/embedder@champion: The checkpoint in .* "
                                                  r"is incomplete: missing model\.pt"):
         CompressionVAE.load("models:/embedder@champion")
 
@@ -289,4 +241,4 @@ def test_an_incomplete_local_checkpoint_names_the_missing_files(tmp_path: Path,
     partial = shutil.copytree(trained[0][1], tmp_path / "partial")
     (partial / "normalization.npz").unlink()
     with pytest.raises(ModelNotFoundError, match=r"is incomplete: missing normalization\.npz"):
-        download_checkpoint(partial)
+        resolve_model(str(partial))

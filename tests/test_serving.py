@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+# The registry tests' fixtures (`data`, `trained`) and helpers, shared rather than copied.
+from registry_helpers import data, embed_in_fresh_process, publish, trained, use_store  # noqa: F401
+
 from cvae_model import CompressionVAE
 from pipeline.registry import describe_version, set_alias
-# The registry tests' fixtures (`data`, `trained`) and helpers, shared rather than copied.
-from test_registry import data, embed_in_fresh_process, publish, trained, use_store  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
