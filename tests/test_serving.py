@@ -4,12 +4,8 @@ and ``mlflow models serve`` answering ``/invocations`` for ``models:/NAME@ALIAS`
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +17,7 @@ import pytest
 
 # The registry tests' fixtures (`data`, `trained`) and helpers, shared rather than copied.
 from registry_helpers import data, embed_in_fresh_process, publish, trained, use_store  # noqa: F401
+from server_helpers import free_port, running_mlflow_server, server_env, stop, wait_for_http
 
 from cvae_model import CompressionVAE
 from pipeline.registry import describe_version, set_alias
@@ -29,62 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a server started with start_new_session=True: its whole process group."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
-def server_env() -> dict[str, str]:
-    # `mlflow models serve` starts `uvicorn` by name: the virtualenv's bin must be on PATH (as
-    # when it is activated). PYTHONPATH: the served model needs only its own code_paths, but the
-    # fresh processes import cvae_model from the repository.
-    return {**os.environ, "PYTHONPATH": str(REPO),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A real ``mlflow server`` on a free loopback port, artifacts proxied through it."""
-    port = free_port()
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", proc, 90)
-        uri = f"http://127.0.0.1:{port}"
+    with running_mlflow_server(tmp_path) as (uri, _):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri
-    finally:
-        stop(proc)
-        log.close()
 
 
 @pytest.mark.timeout(180)
