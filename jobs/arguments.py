@@ -112,14 +112,29 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
              "environment, AWS_ENDPOINT_URL and the like)")
 
 
+def _option_value(text: str) -> Any:
+    """A ``--fs-option`` value: a JSON number, boolean or null when it reads as one, else text."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (int, float, bool)) or value is None else text
+
+
 def apply_storage_arguments(args: argparse.Namespace) -> None:
-    """Make ``--fs-option`` settings the process's filesystem options (``CVAE_FS_OPTIONS``)."""
+    """Make ``--fs-option`` settings the process's filesystem options (``CVAE_FS_OPTIONS``), so
+    every path the job resolves uses them; values such as ``connect_timeout=5`` or
+    ``force_virtual_addressing=true`` become numbers and booleans."""
     import json
     import os
 
     if args.fs_option:
-        options = dict(item.split("=", 1) for item in args.fs_option if "=" in item)
-        bad = [item for item in args.fs_option if "=" not in item]
+        bad = [item for item in args.fs_option if "=" not in item or not item.split("=", 1)[0]]
         if bad:
-            raise ValueError(f"--fs-option takes KEY=VALUE, got {bad[0]!r}")
+            raise ValueError(f"--fs-option takes KEY=VALUE (e.g. endpoint_override=127.0.0.1:9000), "
+                             f"got {bad[0]!r}")
+        options = {key: _option_value(value)
+                   for key, value in (item.split("=", 1) for item in args.fs_option)}
         os.environ["CVAE_FS_OPTIONS"] = json.dumps(options)

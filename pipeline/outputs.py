@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -35,8 +36,8 @@ import pyarrow.parquet as pq
 from cvae_model.paths import contains, replace_refusal
 from pipeline.storage import Location, resolve
 
-__all__ = ["ERRORS", "MANIFEST", "CommittedOutput", "OutputExistsError", "output_parts",
-           "read_manifest", "read_output"]
+__all__ = ["ERRORS", "MANIFEST", "CommittedOutput", "OutputExistsError", "is_attempt_folder",
+           "output_parts", "read_manifest", "read_output"]
 
 logger = logging.getLogger("cvae.outputs")
 
@@ -44,6 +45,12 @@ MANIFEST = "_manifest.json"
 ERRORS = "_errors.parquet"
 FORMAT = "cvae-output/1"
 _HOST = socket.gethostname()
+_ATTEMPT_FOLDER = re.compile(r"^parts-\d{8}T\d{6}-[0-9a-f]{8}$")
+
+
+def is_attempt_folder(name: str) -> bool:
+    """Whether ``name`` is the folder of one attempt's parts (``parts-<time>-<id>``)."""
+    return bool(_ATTEMPT_FOLDER.match(name))
 
 
 class OutputExistsError(FileExistsError):
@@ -135,7 +142,7 @@ class CommittedOutput:
                 raise OutputExistsError(f"{self.target.uri} already exists; pass --overwrite "
                                         "(overwrite=True) to replace it")
             return str(read_manifest(self.target).get("attempt"))
-        foreign = sorted(n for n in names if not n.startswith("parts-"))  # parts-*: failed attempts
+        foreign = sorted(n for n in names if not is_attempt_folder(n))  # those: failed attempts
         if foreign:
             raise OutputExistsError(f"{self.target.uri} exists and is not a cvae output (it holds "
                                     f"{', '.join(foreign[:5])}); not replacing it")
@@ -153,7 +160,8 @@ class CommittedOutput:
                 Location(self.target.filesystem, info.path, info.path).delete()
 
     def __enter__(self) -> CommittedOutput:
-        self.parts.mkdir()
+        if self.target.is_local:  # an object store has no folders: a part's key makes its prefix
+            self.parts.mkdir()
         return self
 
     @property
@@ -186,7 +194,7 @@ class CommittedOutput:
         else:
             self.target.join(MANIFEST).write_bytes(json.dumps(full, indent=2).encode())
             for info in self.target.children():
-                if info.base_name.startswith("parts-") and info.base_name != self.parts.name:
+                if is_attempt_folder(info.base_name) and info.base_name != self.parts.name:
                     self.target.join(info.base_name).delete()
         self.committed = True
         return full

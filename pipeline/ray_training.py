@@ -6,7 +6,17 @@ takes the initial model, opens the MLflow run and starts a ``TorchTrainer``. Eac
 bytes in Ray's object store, applies the shared resume rules (``setup_training``), feeds its
 dataset shard to ``run_training`` (the loop the estimator runs), all-reduces the validation sums
 so every worker takes the same schedule and stop decisions, and reports checkpoints (the cvae
-format) to Ray Train's storage, which may be an object store. Rank 0 alone writes to MLflow.
+format) to Ray Train's storage, which may be an object store (``s3://...``: the filesystem
+``pipeline.storage`` resolves is handed to Ray Train, so ``--fs-option`` settings hold there too).
+Nothing on the driver's disk crosses to a worker: the initial model (and its normalizer) travels
+as checkpoint bytes in Ray's object store, the data as Ray Datasets, and the final model comes
+back from the storage as bytes.
+
+Rank 0 alone writes to MLflow, and only to a tracking URI it can reach: a tracking server
+(``http(s)://``, ``databricks``, a database URL) directly; a store on the driver's disk (the
+embedded ``sqlite:///...`` default, ``file:``) through a small relay actor pinned to the
+driver's node, which logs metrics and checkpoint files for it (a worker on another machine
+could not open that file).
 
 Batch size is global: ``batch_size // num_workers`` rows on each worker per step, so one step
 of N workers equals one in-process step.
@@ -16,15 +26,16 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from cvae_model.checkpoint import Checkpoint, TrainState, read_checkpoint_files
+from cvae_model.checkpoint import CHECKPOINT_FILES, Checkpoint, TrainState
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.data import TrainingData
 from cvae_model.normalization import Normalizer
@@ -33,11 +44,11 @@ from cvae_model.training import RunMode
 from cvae_model.vae import VAE
 from pipeline.prepare import PreparedData, prepare
 from pipeline.runtime import cpu_shares, ensure_ray
-from pipeline.storage import resolve
+from pipeline.storage import Location, resolve
 from pipeline.tracking import RunTracker, code_version, cvae_home, flat_params
 
-__all__ = ["DistributedConfig", "DistributedResult", "WorkerConfig", "run_distributed_training",
-           "train_estimator_on_ray"]
+__all__ = ["DistributedConfig", "DistributedResult", "WorkerConfig", "WorkerTracking",
+           "reachable_from_every_node", "run_distributed_training", "train_estimator_on_ray"]
 
 logger = logging.getLogger("cvae.train")
 
@@ -68,6 +79,89 @@ class DistributedConfig:
     """Log the run to MLflow (best-effort: an unreachable server never stops training)."""
 
 
+def reachable_from_every_node(uri: str) -> bool:
+    """Whether a tracking URI names a server (every node can reach it), not a store on the
+    driver's disk (``sqlite:///path``, ``file:``, a plain path)."""
+    if uri.startswith("databricks"):  # "databricks", "databricks-uc", "databricks://profile"
+        return True
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("file:") else ""
+    return scheme not in ("", "file", "sqlite")
+
+
+class _TrackingRelay:
+    """A zero-CPU actor on the driver's node: logs for rank 0 into a store only that node has."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.tracker = RunTracker.attach(uri, run_id)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+
+    def log_files(self, files: Mapping[str, bytes], artifact_path: str | None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self.tracker.log_artifacts(tmp, artifact_path)
+
+
+class _RelayedTracker:
+    """What rank 0 holds when it logs through the relay: RunTracker's logging calls, forwarded.
+
+    Each call waits for the relay (so a checkpoint's files are logged before training goes on,
+    as with a direct tracker) and, like ``RunTracker``, never fails the work."""
+
+    def __init__(self, relay: Any) -> None:
+        self.relay = relay
+
+    def _wait(self, what: str, ref: Any) -> None:
+        import ray
+
+        try:
+            ray.get(ref, timeout=120)
+        except Exception as exc:  # the relay died with its driver, or timed out: the work goes on
+            logger.warning("MLflow relay: %s failed (%s: %s)", what, type(exc).__name__,
+                           str(exc).splitlines()[0][:200] if str(exc) else "")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._wait(f"logging metrics of step {step}", self.relay.log_metrics.remote(dict(metrics), step))
+
+    def log_artifacts(self, folder: str, artifact_path: str | None = None) -> None:
+        files = {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+        self._wait(f"logging {artifact_path}", self.relay.log_files.remote(files, artifact_path))
+
+
+@dataclass(frozen=True)
+class WorkerTracking:
+    """Rank 0's way to the MLflow run: the tracking URI itself, or a relay actor for it."""
+
+    uri: str
+    run_id: str
+    relay: Any = None
+    """A ``_TrackingRelay`` actor when ``uri`` is a store on the driver's disk."""
+
+    def attach(self) -> Any:
+        """A tracker with ``log_metrics`` and ``log_artifacts``, usable on any node."""
+        return RunTracker.attach(self.uri, self.run_id) if self.relay is None else _RelayedTracker(self.relay)
+
+    @classmethod
+    def start(cls, uri: str, run_id: str) -> WorkerTracking:
+        """Direct for a server; else a relay on this (the driver's) node."""
+        if reachable_from_every_node(uri):
+            return cls(uri, run_id)
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        relay = ray.remote(num_cpus=0)(_TrackingRelay).options(scheduling_strategy=here).remote(uri, run_id)
+        return cls(uri, run_id, relay)
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            import ray
+
+            ray.kill(self.relay)
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """What every Ray Train worker receives."""
@@ -83,8 +177,8 @@ class WorkerConfig:
     train_rows: int
     cached: bool
     """Training split materialized: each worker holds its shard in memory."""
-    tracking: tuple[str, str] | None
-    """(tracking URI, run id) for rank 0, or None."""
+    tracking: WorkerTracking | None
+    """Where rank 0 logs (``tracking.attach()``), or None."""
     callbacks: tuple[Any, ...] = ()
     """Extra ``TrainingCallbacks``-like objects called on every rank (on_step/on_validation)."""
     threads: int = 1
@@ -108,8 +202,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- driver side
-def _storage(dist: DistributedConfig, run_name: str, resume: bool) -> str:
-    """The storage URI; refuses a reused run name without ``resume`` and a missing one with it."""
+def _storage(dist: DistributedConfig, run_name: str, resume: bool) -> Location:
+    """The storage location; refuses a reused run name without ``resume`` and a missing one with it."""
     storage = dist.storage_path or str(cvae_home() / "ray_results")
     location = resolve(storage)
     run = location.join(run_name)
@@ -118,7 +212,18 @@ def _storage(dist: DistributedConfig, run_name: str, resume: bool) -> str:
                          "pass --resume to continue it, or choose a new --run-name")
     if resume and not run.exists():
         raise ValueError(f"--resume: there is no run named {run_name!r} in {location.uri}")
-    return location.uri
+    return location
+
+
+def _read_result(checkpoint: Any, storage: Location) -> tuple[Checkpoint, list[dict[str, float]]]:
+    """The final checkpoint and history, read from Ray Train's storage into memory."""
+    path, base = checkpoint.path.rstrip("/"), storage.path.rstrip("/")
+    uri = storage.uri + path[len(base):] if path.startswith(base + "/") else path
+    place = Location(checkpoint.filesystem, path, uri)
+    present = {info.base_name for info in place.children()}
+    files = {name: place.join(name).read_bytes() for name in CHECKPOINT_FILES if name in present}
+    history = json.loads(place.join(HISTORY_FILE).read_bytes()) if HISTORY_FILE in present else []
+    return Checkpoint.from_files(files, place.uri), history
 
 
 def _initial(prepared: PreparedData, model_args: dict[str, Any], seed: int,
@@ -188,12 +293,12 @@ def run_distributed_training(
             tracker.log_dict({"model": start.model_config.to_dict(), "train": config.to_dict()},
                              "config.json")
         resources, threads = _resources(dist, prepared.cached)
+        tracking = (WorkerTracking.start(tracker.uri, tracker.run_id)
+                    if tracker.enabled and tracker.run_id else None)
         worker = WorkerConfig(
             start.model_config, config, ray.put(start.to_files()),
             "continue" if initial is not None else "new", start.train_config,
-            prepared.train_rows, prepared.cached,
-            (tracker.uri, tracker.run_id) if tracker.enabled and tracker.run_id else None,
-            tuple(callbacks), threads)
+            prepared.train_rows, prepared.cached, tracking, tuple(callbacks), threads)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"worker": worker},
             torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
@@ -201,17 +306,21 @@ def run_distributed_training(
                 num_workers=dist.num_workers, use_gpu=dist.use_gpu,
                 resources_per_worker=resources, placement_strategy=dist.placement_strategy),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage,
+                # A path without a scheme and the filesystem object: Ray Train then uses cvae's
+                # resolved filesystem (with --fs-option settings) instead of building its own.
+                name=run_name, storage_path=storage.path,
+                storage_filesystem=None if storage.is_local else storage.filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=dist.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
             datasets={"train": prepared.train, "valid": prepared.valid})
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            if tracking is not None:
+                tracking.stop()
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {run_name} finished without a checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            final = Checkpoint.from_files(read_checkpoint_files(directory), result.checkpoint.path)
-            history_file = Path(directory) / HISTORY_FILE
-            history = json.loads(history_file.read_text()) if history_file.exists() else []
+        final, history = _read_result(result.checkpoint, storage)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     return DistributedResult(tracker.run_id, final, metrics, history, run_name)
 

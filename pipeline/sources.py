@@ -9,6 +9,7 @@ Ray Data tasks (training, statistics), the bulk jobs read them inside their acto
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -18,12 +19,13 @@ import pyarrow as pa
 
 from pipeline.errors import DataValidationError, raise_data_errors
 from pipeline.npy import open_npy_tree
-from pipeline.outputs import MANIFEST, output_parts, read_manifest
+from pipeline.outputs import MANIFEST, is_attempt_folder, output_parts, read_manifest
 from pipeline.parquet import ParquetColumns, open_parquet
 from pipeline.rows import Chunk
 from pipeline.storage import Location, list_files, resolve
 
 __all__ = [
+    "READ_AS",
     "DataValidationError",
     "OpenedSource",
     "SourceSpec",
@@ -95,6 +97,18 @@ class OpenedSource:
     id_column: str | None
 
 
+READ_AS = "read_as"
+"""Manifest key of an output's default columns (``{"column": ..., "id_column": ...}``), so that
+e.g. a ``cvae pack`` output reads with the tree's ids without naming its columns."""
+
+
+def _read_as(location: Location) -> dict[str, str]:
+    """The default columns a cvae output's manifest names (none for other data)."""
+    if not location.is_dir() or not location.join(MANIFEST).exists():
+        return {}
+    return dict(read_manifest(location).get(READ_AS) or {})
+
+
 def _list(location: Location) -> tuple[Literal["npy", "parquet"], list[str]]:
     """The one rule, and the files: a .parquet file, a folder of .parquet files, or a folder of
     .npy files (sorted paths relative to the folder; one listing)."""
@@ -105,20 +119,30 @@ def _list(location: Location) -> tuple[Literal["npy", "parquet"], list[str]]:
             return "parquet", [location.path]
         raise DataValidationError(f"{location.uri}: expected a directory tree of .npy files or "
                                   "parquet data; a single file must be .parquet")
-    if location.join(MANIFEST).exists():  # a cvae output: what its manifest lists, nothing else
+    complete = location.join(MANIFEST).exists()
+    if complete:  # a cvae output: what its manifest lists, nothing else
         manifest = read_manifest(location)
         if manifest.get("kind") == "npy":
             tree = location.join(manifest["tree"]) if manifest["tree"] != "." else location
             return "npy", sorted(f"{tree.path}/{f}"[len(location.path) + 1:]
                                  for f in list_files(tree, (".npy",)))
         return "parquet", [part.path for part in output_parts(location)]
-    found = sorted(list_files(location, (".npy", ".parquet")))
-    npy = [f for f in found if f.endswith(".npy")]
-    parquet = [f"{location.path}/{f}" for f in found if f.endswith(".parquet")]
-    if npy and parquet:
-        raise DataValidationError(f"{location.uri} holds both .npy files ({npy[0]}) and .parquet "
-                                  f"files ({parquet[0]}); point the source at one kind of data")
-    return ("parquet", parquet) if parquet else ("npy", npy)
+    found = sorted(list_files(location, (".npy", ".parquet")))  # the one list of paths held
+    first = bisect.bisect_left(found, "parts-")  # sorted: an attempt's files are together
+    if first < len(found) and is_attempt_folder(found[first].split("/", 1)[0]):
+        raise FileNotFoundError(
+            f"{location.uri} is an incomplete cvae output: it holds the parts of an attempt "
+            f"({found[first].split('/', 1)[0]}) but no {MANIFEST} (the job that wrote it did not "
+            "finish). Run that job again; it replaces them.")
+    parquet = sum(f.endswith(".parquet") for f in found)
+    if parquet == 0:
+        return "npy", found
+    if parquet < len(found):
+        one = next(f for f in found if f.endswith(".npy"))
+        other = next(f for f in found if f.endswith(".parquet"))
+        raise DataValidationError(f"{location.uri} holds both .npy files ({one}) and .parquet "
+                                  f"files ({other}); point the source at one kind of data")
+    return "parquet", [f"{location.path}/{f}" for f in found]
 
 
 def open_source(spec: SourceSpec, fs_options: dict[str, Any] | None = None) -> OpenedSource:
@@ -127,8 +151,10 @@ def open_source(spec: SourceSpec, fs_options: dict[str, Any] | None = None) -> O
     skip = spec.on_error == "skip"
     kind, files = _list(location)
     if kind == "parquet":
+        defaults = _read_as(location) if not (spec.column or spec.columns or spec.id_column) else {}
         parquet = open_parquet(location, files,
-                               ParquetColumns(spec.column, spec.columns, spec.id_column), skip)
+                               ParquetColumns(spec.column or defaults.get("column"), spec.columns,
+                                              spec.id_column or defaults.get("id_column")), skip)
         return OpenedSource("parquet", location, parquet.width, parquet.rows, parquet.items(),
                             parquet.reader, [], parquet.reader.cols.id_column)
     if spec.column or spec.columns or spec.id_column:

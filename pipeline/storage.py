@@ -3,11 +3,19 @@
 ``resolve`` turns a local path (``~`` expanded, made absolute), a ``file://`` URI or an
 object-store URI (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``) into a ``Location``.
 Credentials and endpoints come from the usual environment (``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...); ``CVAE_FS_OPTIONS`` (JSON) or
-a job's ``--fs-option KEY=VALUE`` pass constructor arguments to the filesystem (for
-``pyarrow.fs.S3FileSystem``: ``endpoint_override``, ``region``, ``scheme``, ...). Listing,
-reading, writing and existence checks all go through the filesystem; a ``Location`` pickles, so
-Ray tasks on other nodes use the same filesystem.
+``AWS_ACCESS_KEY_ID``, ``AWS_DEFAULT_REGION``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...);
+``CVAE_FS_OPTIONS`` (JSON) or a job's ``--fs-option KEY=VALUE`` pass constructor arguments to the
+filesystem (for ``pyarrow.fs.S3FileSystem``: ``endpoint_override``, ``region``, ``scheme``, ...)
+and win over the environment. Listing, reading, writing and existence checks all go through the
+filesystem.
+
+A ``Location`` pickles, so Ray tasks on other nodes use the same filesystem. For ``s3://`` the
+settings the driver found in its environment (endpoint, region, and keys when they are given as
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) are written into the filesystem object, so a
+task on a node without them reads as the driver does (pyarrow's own ``from_uri`` keeps the
+endpoint but drops environment keys when pickled, and the other node would then look for
+credentials of its own). Without keys in the environment (an instance role, a profile) each node
+uses its own credential chain, as pyarrow does.
 """
 
 from __future__ import annotations
@@ -46,9 +54,38 @@ def _options(given: Mapping[str, Any] | None) -> dict[str, Any]:
                          f"{text!r} ({exc})") from None
 
 
+def _parse_uri(text: str) -> tuple[str, str]:
+    scheme, rest = text.split("://", 1)
+    return scheme.lower(), rest.rstrip("/")
+
+
+def _s3_filesystem(rest: str, extra: Mapping[str, Any]) -> pafs.S3FileSystem:
+    """An S3 filesystem from the environment (explicit values, so it pickles whole) and ``extra``."""
+    env = os.environ
+    settings: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        settings["endpoint_override"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        settings["region"] = region
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        settings.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            settings["session_token"] = env["AWS_SESSION_TOKEN"]
+    settings.update(extra)
+    if "region" not in settings and "endpoint_override" not in settings:
+        # Real AWS with no region configured: ask where the bucket is, as from_uri does.
+        settings["region"] = pafs.resolve_s3_region(rest.split("/", 1)[0])
+    return pafs.S3FileSystem(**settings)
+
+
 def resolve(location: str | os.PathLike[str] | Location,
             options: Mapping[str, Any] | None = None) -> Location:
     """The filesystem and path of a user's path or URI.
+
+    ``options``: filesystem constructor arguments (default: ``$CVAE_FS_OPTIONS``). Raises
+    ``ValueError`` naming the URI when no filesystem can be built for it.
 
     Example:
         >>> resolve("~/data").uri  # doctest: +SKIP
@@ -62,19 +99,24 @@ def resolve(location: str | os.PathLike[str] | Location,
     if not is_uri(text) or text.startswith("file://"):
         path = local_path(text).as_posix()
         return Location(pafs.LocalFileSystem(), path, path)
-    scheme, rest = text.split("://", 1)
+    scheme, rest = _parse_uri(text)
+    if not rest:
+        raise ValueError(f"{text}: no bucket or path after {scheme}://")
     extra = _options(options)
     try:
-        if extra and scheme.lower() in _FILESYSTEMS:
-            filesystem = getattr(pafs, _FILESYSTEMS[scheme.lower()])(**extra)
+        if scheme == "s3" and "?" not in rest:
+            filesystem: pafs.FileSystem = _s3_filesystem(rest, extra)
+            path = rest
+        elif extra and scheme in _FILESYSTEMS:
+            filesystem = getattr(pafs, _FILESYSTEMS[scheme])(**extra)
             path = rest
         else:
             filesystem, path = pafs.FileSystem.from_uri(text)
     except (OSError, TypeError, ValueError) as exc:  # ArrowInvalid is a ValueError
         raise ValueError(f"Cannot open {text}: {exc}. Object stores take their credentials and "
                          f"endpoint from the environment (AWS_ENDPOINT_URL, ...) or "
-                         f"{FS_OPTIONS_ENV}.") from None
-    return Location(filesystem, path.rstrip("/"), f"{scheme}://{rest.rstrip('/')}")
+                         f"{FS_OPTIONS_ENV} / --fs-option KEY=VALUE.") from None
+    return Location(filesystem, path.rstrip("/"), f"{scheme}://{rest}")
 
 
 @dataclass(frozen=True)
@@ -122,7 +164,8 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Write a whole object (on object stores one PUT: readers see all of it or nothing)."""
-        self.parent().mkdir()
+        if self.is_local:  # object stores have no folders to make
+            self.parent().mkdir()
         with self.filesystem.open_output_stream(self.path) as stream:
             stream.write(data)
 
