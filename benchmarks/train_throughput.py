@@ -1,24 +1,34 @@
-"""Training throughput of the default models against what the CPU's matmul does on their shapes.
+"""Training throughput: steps/s at batch 64 against the original, and samples/s against matmul.
 
-For each row (latent size k, batch size): steps/s and samples/s of ``cvae_model.training``'s
-``train_step`` with ``make_optimizer`` (forward, backward, clip, optimizer: whatever the training
-loop uses) on the default 784-feature model with k latent dimensions, the useful FLOP/s this
-achieves, and, measured in the same run and alternated with it, the FLOP/s of torch matmuls of
-the same layer shapes at the same batch size. Their ratio is the fraction of the machine's
-matmul rate that training reaches. Rows: k = 2, 16, 64 at batch 64, and k = 2 at batch 1024.
+Table 1 (batch 64, latent sizes 2, 16 and 64, 784 features, default architecture): steps/s of
+``cvae_model.training.train_step`` over ``--steps`` (600) steps on in-memory batches, for
+three set-ups, alternated ``--rounds`` times (medians shown) so that a changing machine load hits
+them alike:
 
-Useful FLOPs count 2 per multiply-add that the model's math needs, per sample:
+* ``Adam``: eager model, ``torch.optim.Adam`` with its default (foreach) implementation: what
+  training used before this benchmark's issue;
+* ``fused Adam``: eager model, ``torch.optim.Adam(fused=True)``;
+* ``training``: what the training loop runs now: ``make_optimizer`` and the loop's compile hook
+  (``cvae_model.training.compile_for_training``, asked for a run of ``--run-steps`` steps).
+
+The original CompressionVAE's (TensorFlow) steps/s are quoted from another run, on the same
+architecture, data and step count, for comparison: 2-D 115, 16-D 74, 64-D 21.
+
+Table 2 (batch 1024): samples/s of the training set-up beside the FLOP/s of torch matmuls of the
+model's own layer shapes at the same batch size (forward and both backward products), measured
+in the same run and alternated with it. Useful FLOPs count 2 per multiply-add that the model's
+math needs, per sample:
+
 * a dense layer ``in -> out``: ``in * out`` multiply-adds forward, the same again for the weight
   gradient and for the input gradient (none for the first encoder layer, whose input is data);
-* the IAF's masked hidden layer: only the weights its mask keeps (``mask.sum()``), not the dense
-  matrix it multiplies;
+* the IAF's masked hidden layer: only the weights its mask keeps (``mask.sum()``);
 * the IAF's block-diagonal output layer: its ``2 * k * h`` weights (all used).
-The matmul baseline runs, for every layer, the GEMMs of its shapes (forward, input-gradient where
-needed, weight-gradient): dense layers and the masked layer at their full ``(in, out)`` (the GEMM
-that computes them), the block layer as its k ``(batch, h) @ (h, 2)`` products (one bmm).
 
-    .venv/bin/python -m benchmarks.train_throughput [--seconds 1] [--rounds 3] [--keep-prob 1.0]
-        [--threads N]   # --threads 1 on a shared machine: 2 threads stall whenever a core is busy
+The matmul baseline runs the GEMMs of every layer's shapes: dense layers and the masked layer at
+their full ``(in, out)`` (the GEMM that computes them), the block layer as its k
+``(batch, h) @ (h, 2)`` products (one bmm).
+
+    .venv/bin/python -m benchmarks.train_throughput [--steps 600] [--rounds 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -27,16 +37,19 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.layers import BlockLinear, MaskedLinear
-from cvae_model.training import make_optimizer, train_step
+from cvae_model.training import ADAM_EPS, compile_for_training, make_optimizer, train_step
 from cvae_model.vae import VAE
 
-ROWS = ((2, 64), (16, 64), (64, 64), (2, 1024))
+ORIGINAL_STEPS_PER_S = {2: 115.0, 16: 74.0, 64: 21.0}
+"""The original CompressionVAE (TensorFlow), batch 64, 600 steps; quoted from another run."""
+SETUPS = ("Adam", "fused Adam", "training")
 
 
 def layer_costs(model: VAE) -> tuple[int, list[tuple[str, tuple[int, ...], bool]]]:
@@ -60,7 +73,8 @@ def layer_costs(model: VAE) -> tuple[int, list[tuple[str, tuple[int, ...], bool]
     return flops, layers
 
 
-def matmul_round(layers: list[tuple[str, tuple[int, ...], bool]], batch: int):
+def matmul_round(layers: list[tuple[str, tuple[int, ...], bool]],
+                 batch: int) -> tuple[Callable[[], None], int]:
     """A closure running every layer's GEMMs once, and the FLOPs it does."""
     work, flops = [], 0
     for kind, shape, input_grad in layers:
@@ -81,63 +95,102 @@ def matmul_round(layers: list[tuple[str, tuple[int, ...], bool]], batch: int):
     return run, flops
 
 
-def rate(fn, seconds: float) -> float:
-    """Calls per second of ``fn`` over about ``seconds``."""
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        n += 1
-    return n / (time.perf_counter() - start)
+class Setup:
+    """A model, optimizer and step function for one (k, batch, set-up)."""
+
+    def __init__(self, k: int, batch: int, setup: str, run_steps: int) -> None:
+        torch.manual_seed(0)
+        self.model = VAE(ModelConfig(dim_feature=784, dim_latent=k))
+        config = TrainConfig(batch_size=batch, num_steps=run_steps)
+        params = self.model.parameters()
+        if setup == "Adam":
+            self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=ADAM_EPS)
+        elif setup == "fused Adam":
+            self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=ADAM_EPS,
+                                              fused=True)
+        else:
+            self.optimizer = make_optimizer(self.model, config)
+        self.module = (compile_for_training(self.model, config) if setup == "training"
+                       else self.model)
+        self.batches = list(torch.randn(8, batch, 784))
+        self.generator = torch.Generator()
+        self.count = 0
+        start = time.perf_counter()
+        self.steps(3)  # warm-up: allocations, optimizer state, MKL, compilation
+        self.warmup = time.perf_counter() - start
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            self.generator.manual_seed(self.count)
+            train_step(self.module, self.optimizer, self.batches[self.count % 8], keep_prob=1.0,
+                       grad_clip_norm=100.0, generator=self.generator)
+            self.count += 1
 
 
-def measure(k: int, batch: int, seconds: float, rounds: int, keep_prob: float) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = VAE(ModelConfig(dim_feature=784, dim_latent=k))
-    optimizer = make_optimizer(model, TrainConfig(batch_size=batch))
-    batches = list(torch.randn(8, batch, 784))
-    counter = iter(range(10**12))
+def timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    def step() -> None:
-        train_step(model, optimizer, batches[next(counter) % 8], keep_prob=keep_prob,
-                   grad_clip_norm=100.0)
 
-    flops, layers = layer_costs(model)
-    gemms, gemm_flops = matmul_round(layers, batch)
-    for _ in range(3):  # warm-up (allocations, optimizer state, MKL)
-        step()
+def batch64(steps: int, rounds: int, run_steps: int) -> None:
+    print(f"| k | original (TF) steps/s | {' | '.join(f'{s} steps/s' for s in SETUPS)} | "
+          "training / original | compile s (first steps) |")
+    print("|---|---|---|---|---|---|---|")
+    for k in (2, 16, 64):
+        setups = {name: Setup(k, 64, name, run_steps) for name in SETUPS}
+        rates: dict[str, list[float]] = {name: [] for name in SETUPS}
+        for _ in range(rounds):
+            for name, setup in setups.items():
+                rates[name].append(steps / timed(lambda s=setup: s.steps(steps)))
+        median = {name: statistics.median(r) for name, r in rates.items()}
+        original = ORIGINAL_STEPS_PER_S[k]
+        print(f"| {k} | {original:.0f} | "
+              f"{' | '.join(f'{median[name]:,.1f}' for name in SETUPS)} | "
+              f"{median['training'] / original:.2f} | {setups['training'].warmup:.1f} |", flush=True)
+        torch._dynamo.reset()  # drop the compiled graphs of this k before the next
+
+
+def batch1024(steps: int, rounds: int, run_steps: int) -> None:
+    print("| k | batch | samples/s | useful MFLOP/sample | model GFLOP/s "
+          "| matmul GFLOP/s (same shapes) | fraction of matmul |")
+    print("|---|---|---|---|---|---|---|")
+    for k in (2, 64):
+        setup = Setup(k, 1024, "training", run_steps)
+        flops, layers = layer_costs(setup.model)
+        gemms, gemm_flops = matmul_round(layers, 1024)
         gemms()
-    steps, peaks = [], []
-    for _ in range(rounds):  # alternated, so that both see the same machine load
-        steps.append(rate(step, seconds))
-        peaks.append(rate(gemms, seconds) * gemm_flops)
-    steps_s = statistics.median(steps)
-    peak = statistics.median(peaks)
-    return {"steps": steps_s, "samples": steps_s * batch, "model": steps_s * batch * flops,
-            "peak": peak, "mflop": flops / 1e6}
+        samples, peaks = [], []
+        for _ in range(rounds):
+            samples.append(steps * 1024 / timed(lambda s=setup: s.steps(steps)))
+            peaks.append(steps * gemm_flops / timed(lambda g=gemms: [g() for _ in range(steps)]))
+        rate, peak = statistics.median(samples), statistics.median(peaks)
+        print(f"| {k} | 1024 | {rate:,.0f} | {flops / 1e6:.2f} | {rate * flops / 1e9:.1f} | "
+              f"{peak / 1e9:.1f} | {rate * flops / peak:.2f} |", flush=True)
+        torch._dynamo.reset()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement (x rounds x 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations; medians are shown")
-    parser.add_argument("--keep-prob", type=float, default=TrainConfig().dropout_keep_prob)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=600, help="steps per measurement at batch 64")
+    parser.add_argument("--steps-1024", type=int, default=60, help="steps per measurement at 1024")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations; medians are shown")
+    parser.add_argument("--run-steps", type=int, default=TrainConfig().num_steps,
+                        help="the run length the compile hook is asked about (default: a "
+                        "default training run)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, keep_prob {args.keep_prob}, "
-          f"load average at start {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at start")
     print()
-    print("| k | batch | steps/s | samples/s | useful MFLOP/sample | model GFLOP/s "
-          "| matmul GFLOP/s (same shapes) | fraction of matmul |")
-    print("|---|---|---|---|---|---|---|---|")
-    for k, batch in ROWS:
-        r = measure(k, batch, args.seconds, args.rounds, args.keep_prob)
-        print(f"| {k} | {batch} | {r['steps']:,.1f} | {r['samples']:,.0f} | {r['mflop']:.2f} "
-              f"| {r['model'] / 1e9:.1f} | {r['peak'] / 1e9:.1f} | {r['model'] / r['peak']:.2f} |")
-    print(f"\nload average at end {os.getloadavg()[0]:.2f}")
+    batch64(args.steps, args.rounds, args.run_steps)
+    print()
+    batch1024(args.steps_1024, args.rounds, args.run_steps)
+    print(f"\nload average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from cvae_model.fitted import FittedModel, NonFiniteOutputError
 from cvae_model.validation import width_mismatch
-from pipeline.bulk import actor_resources, errors_parquet, record, run_items, write_part
+from pipeline.bulk import ActorPool, actor_resources, errors_parquet, record, write_part
 from pipeline.errors import DataValidationError, show_id
 from pipeline.model_uri import ResolvedModel, resolve_model
 from pipeline.outputs import ERRORS, CommittedOutput
@@ -102,38 +102,43 @@ class EmbedSummary:
 
 
 def load_fitted(files: Any, use_gpu: bool, threads: int) -> FittedModel:
-    """An actor's model from checkpoint bytes (or an object ref to them), on its device."""
+    """An actor's model from checkpoint bytes (or an object ref to them), on its device.
+
+    ``threads`` caps torch's and Arrow's thread pools at the actor's CPU share: actors share
+    the node's cores, and a pool larger than its share oversubscribes them.
+    """
     import ray
     import torch
 
-    torch.set_num_threads(threads)  # actors share the node's cores
-    if isinstance(files, ray.ObjectRef):  # Ray Data passes constructor args through unresolved
+    torch.set_num_threads(threads)
+    pa.set_cpu_count(threads)  # parquet decoding's pool (default: every core of the node)
+    if isinstance(files, ray.ObjectRef):  # constructor args inside a tuple arrive unresolved
         files = ray.get(files)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     return FittedModel.from_files(files, "the job's model", device)
 
 
-def _merge(chunks: list[Chunk]) -> Chunk:
-    if len(chunks) == 1:
-        return chunks[0]
-    return Chunk(np.concatenate([c.ids for c in chunks]), np.concatenate([c.features for c in chunks]),
-                 None, [e for c in chunks for e in c.errors], sum(c.rows_in for c in chunks))
-
-
 class EmbedWorker:
-    """Ray Data class UDF: reads work items, embeds them, writes a part per item."""
+    """Bulk-job worker (``pipeline.bulk``): reads work items, embeds them, writes a part per item.
+
+    The reader's chunks (a parquet slice, a run of ``.npy`` files; already checked for NaN and
+    infinity) are embedded one by one as they are read: merging them first copied every
+    feature once more for nothing. Only ids and embeddings are kept until the part is written.
+    """
 
     def __init__(self, files: Any, reader: Any, parts: tuple[Location, str], config: EmbedConfig,
                  threads: int) -> None:
         self.fitted = load_fitted(files, config.use_gpu, threads)
         self.reader, self.parts, self.config = reader, parts, config
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        item = {key: values[0] for key, values in batch.items()}
-        chunk = _merge(list(self.reader.read(item)))
-        errors = list(chunk.errors)
+    def _embed(self, chunk: Chunk,
+               errors: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, features, embeddings) of a chunk's rows, minus rows whose embedding is not
+        finite (in skip mode; they are added to ``errors``, otherwise a ``DataValidationError``
+        names the first)."""
         try:
-            z = self.fitted.embed(chunk.features, self.config.batch_size, name="the features")
+            return chunk.ids, chunk.features, self.fitted.embed(
+                chunk.features, self.config.batch_size, name="the features")
         except NonFiniteOutputError as exc:
             bad = [show_id(chunk.ids[i]) for i in exc.rows]
             if not self.reader.skip:
@@ -142,17 +147,39 @@ class EmbedWorker:
             keep = np.ones(len(chunk.ids), bool)
             keep[exc.rows] = False
             errors += [(str(chunk.ids[i]), "its embedding is not finite") for i in exc.rows]
-            chunk = Chunk(chunk.ids[keep], chunk.features[keep], None, [], chunk.rows_in)
-            z = self.fitted.embed(chunk.features, self.config.batch_size)
-        columns: dict[str, Any] = {"id": chunk.ids, "embedding": pa.FixedSizeListArray.from_arrays(
-            pa.array(z.reshape(-1)), self.fitted.dim_latent)}
+            ids, features = chunk.ids[keep], chunk.features[keep]
+            if not len(ids):
+                return ids, features, np.zeros((0, self.fitted.dim_latent), np.float32)
+            return ids, features, self.fitted.embed(features, self.config.batch_size)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        item = {key: values[0] for key, values in batch.items()}
+        ids, embeddings, scores, errors = [], [], [], []
+        rows_in = 0
+        for chunk in self.reader.read(item):
+            rows_in += chunk.rows_in
+            errors += chunk.errors
+            if not len(chunk.ids):
+                continue
+            chunk_ids, features, z = self._embed(chunk, errors)
+            ids.append(chunk_ids)
+            embeddings.append(z)
+            if self.config.with_score and len(z):
+                scores.append(self.fitted.scores(features, self.config.score_samples,
+                                                 self.config.score_seed, self.config.batch_size))
+        z = np.concatenate(embeddings) if embeddings else np.zeros((0, self.fitted.dim_latent),
+                                                                   np.float32)
+        columns: dict[str, Any] = {
+            "id": np.concatenate(ids) if ids else np.zeros(0, np.int64),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1)),
+                                                           self.fitted.dim_latent)}
         if self.config.with_score:
-            scores = self.fitted.scores(chunk.features, self.config.score_samples,
-                                        self.config.score_seed, self.config.batch_size)
-            columns["neg_elbo"] = scores.neg_elbo
-            columns["reconstruction_error"] = scores.reconstruction_error
+            empty = [np.zeros(0, np.float32)]
+            columns["neg_elbo"] = np.concatenate([s.neg_elbo for s in scores] or empty)
+            columns["reconstruction_error"] = np.concatenate(
+                [s.reconstruction_error for s in scores] or empty)
         path = write_part(pa.table(columns), *self.parts, int(item["index"])) if len(z) else ""
-        return record(path, len(z), chunk.rows_in, errors)
+        return record(path, len(z), rows_in, errors)
 
 
 def read_ids(opened: OpenedSource) -> pa.ChunkedArray:
@@ -206,9 +233,19 @@ def run_bulk_embedding(source: SourceSpec, config: EmbedConfig) -> EmbedSummary:
     not be replaced), ``DataValidationError`` (the width differs from the model's, duplicate or
     null ids; during the run: a bad file or row, named), ``ModelNotFoundError``.
     """
+    started = time.perf_counter()
+    ensure_ray()
+    actors, cpus, threads = actor_resources(config.num_actors, None, config.use_gpu)
+    # Actors start (a process and `import torch` each) while the driver lists the source.
+    with ActorPool(EmbedWorker, actors=actors, cpus=cpus, use_gpu=config.use_gpu) as pool:
+        return _run(pool, started, threads, source, config)
+
+
+def _run(pool: ActorPool, started: float, threads: int, source: SourceSpec,
+         config: EmbedConfig) -> EmbedSummary:
+    """``run_bulk_embedding`` once its actors are starting: checks, the run, the commit."""
     import ray
 
-    started = time.perf_counter()
     model, opened, output = start_job(config.model, source, config.output, config.overwrite,
                                       "dim_feature")
     logger.info("embedding %d rows of %s with %s (%s) into %s", opened.rows, opened.location.uri,
@@ -216,16 +253,14 @@ def run_bulk_embedding(source: SourceSpec, config: EmbedConfig) -> EmbedSummary:
                 else model.source, output.target.uri)
     tracker = RunTracker(enabled=config.track).start(config.experiment, tags={"cvae.job": "embed"})
     with tracker, output:
-        tracker.log_params({"model": config.model, "model_name": model.name,
-                            "model_version": model.version, "input": opened.location.uri,
-                            **{f"source.{k}": v for k, v in asdict(source).items()},
-                            **{k: v for k, v in asdict(config).items() if k != "model"}})
-        actors, cpus, threads = actor_resources(config.num_actors, len(opened.items), config.use_gpu)
-        result = run_items(opened.items, EmbedWorker,
-                           (ray.put(model.files), opened.reader, (output.parts, output.parts_path),
-                            config, threads),
-                           actors=actors, cpus=cpus, use_gpu=config.use_gpu,
-                           total_rows=opened.rows, desc="cvae embed", progress=config.progress)
+        if tracker.enabled:  # log_params imports mlflow (~1 s) even for a disabled tracker
+            tracker.log_params({"model": config.model, "model_name": model.name,
+                                "model_version": model.version, "input": opened.location.uri,
+                                **{f"source.{k}": v for k, v in asdict(source).items()},
+                                **{k: v for k, v in asdict(config).items() if k != "model"}})
+        result = pool.run(opened.items, (ray.put(model.files), opened.reader,
+                                         (output.parts, output.parts_path), config, threads),
+                          total_rows=opened.rows, desc="cvae embed", progress=config.progress)
         errors = opened.skipped + result.errors
         if result.rows_out + len(errors) != opened.rows:
             raise RuntimeError(f"Row accounting failed: {opened.rows} rows in, {result.rows_out} "
@@ -242,9 +277,10 @@ def run_bulk_embedding(source: SourceSpec, config: EmbedConfig) -> EmbedSummary:
                                errors_file)
         manifest = output.commit({**{k: v for k, v in asdict(summary).items()
                                      if k != "mlflow_run_id"}, "parts": result.parts})
-        tracker.log_metrics({k: float(getattr(summary, k)) for k in
-                             ("rows_in", "rows_out", "rows_skipped", "seconds", "rows_per_s")}, 0)
-        tracker.log_dict(manifest, "manifest.json")
+        if tracker.enabled:
+            tracker.log_metrics({k: float(getattr(summary, k)) for k in
+                                 ("rows_in", "rows_out", "rows_skipped", "seconds", "rows_per_s")}, 0)
+            tracker.log_dict(manifest, "manifest.json")
     logger.info("embedded %d rows (%d skipped) in %.1f s, %.0f rows/s -> %s", summary.rows_out,
                 summary.rows_skipped, summary.seconds, summary.rows_per_s, output.target.uri)
     return EmbedSummary(**{**asdict(summary), "mlflow_run_id": tracker.run_id})

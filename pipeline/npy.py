@@ -13,7 +13,9 @@ for a precise error. Nothing is ever unpickled.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +25,13 @@ from pipeline.errors import DataValidationError
 from pipeline.rows import Chunk, check_rows
 from pipeline.storage import Location
 
-__all__ = ["FILES_PER_ITEM", "NpyReader", "NpyTree", "load_npy", "open_npy_tree"]
+__all__ = ["FILES_PER_ITEM", "REMOTE_READ_THREADS", "NpyReader", "NpyTree", "load_npy",
+           "open_npy_tree"]
 
 FILES_PER_ITEM = 2048
 """Each Ray task pays ~10 ms of overhead: ~2k files per item keeps that under 5%."""
+REMOTE_READ_THREADS = 16
+"""Concurrent reads of an item's files on an object store (latency-bound, not CPU-bound)."""
 
 
 def _is_numeric(dtype: np.dtype) -> bool:
@@ -72,36 +77,82 @@ class NpyReader:
     reference: str
     skip: bool
 
-    def _one(self, rel: str) -> np.ndarray:
-        where = self.root.join(rel).uri
+    def _bytes(self, rel: str) -> bytes | DataValidationError:
+        """A file's bytes, or the error naming it (returned, so a thread pool can carry it)."""
         try:
             with self.root.filesystem.open_input_stream(f"{self.root.path}/{rel}") as stream:
-                data = stream.read()
+                return stream.read()
         except OSError as exc:
-            raise DataValidationError(f"{where}: cannot be read ({exc})") from exc
-        shape, dtype = self.expected
-        size = len(self.header) + int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if len(data) == size and data.startswith(self.header):
-            return np.frombuffer(data, dtype, offset=len(self.header)).astype(np.float32)
-        return load_npy(data, where, self.expected, self.reference)
+            return DataValidationError(f"{self.root.join(rel).uri}: cannot be read ({exc})")
+
+    def _local_bytes(self, rel: str, size: int) -> bytes | DataValidationError:
+        """``_bytes`` on a local disk with three system calls (open, read, close): half the CPU
+        of a pyarrow stream per file (measured 6 vs 11 us from the page cache), which is most of
+        the per-file cost of a tree of small files. Reads ``size + 1`` bytes, the whole file
+        only when it is longer than a file like the first (then ``load_npy`` says why)."""
+        try:
+            fd = os.open(f"{self.root.path}/{rel}", os.O_RDONLY)
+            try:
+                data = os.read(fd, size + 1)
+                if len(data) > size:
+                    rest = [data]
+                    while chunk := os.read(fd, 1 << 20):
+                        rest.append(chunk)
+                    data = b"".join(rest)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return DataValidationError(f"{self.root.join(rel).uri}: cannot be read ({exc})")
+        return data
+
+    def _fetch(self, paths: list[str], size: int) -> Iterator[bytes | DataValidationError]:
+        """The files' bytes in order. On a local disk one by one (a read from the page cache is
+        a few microseconds of CPU; threads would only contend for the actor's core); on an
+        object store through ``REMOTE_READ_THREADS`` concurrent requests, since each is a round
+        trip of milliseconds."""
+        if self.root.is_local:
+            return (self._local_bytes(rel, size) for rel in paths)
+        pool = ThreadPoolExecutor(REMOTE_READ_THREADS)
+        try:
+            return iter(list(pool.map(self._bytes, paths)))
+        finally:
+            pool.shutdown()
 
     def read(self, item: dict[str, Any]) -> Iterator[Chunk]:
+        """One chunk of an item's files: the features as float32 (n, d), each file's path its id.
+
+        Rows are decoded straight into one preallocated array (no per-file array, no stack); a
+        file whose header is the first file's is decoded with ``np.frombuffer``, any other
+        through ``load_npy``, which explains what is wrong with it.
+        """
         paths = [str(p) for p in item["paths"]]
-        rows, ids, errors = [], [], []
-        for rel in paths:
+        shape, dtype = self.expected
+        width = int(np.prod(shape))
+        offset = len(self.header)
+        size = offset + width * np.dtype(dtype).itemsize
+        features = np.empty((len(paths), width), np.float32)
+        ids, errors = [], []
+        for rel, data in zip(paths, self._fetch(paths, size), strict=True):
             try:
-                rows.append(self._one(rel))
+                if isinstance(data, DataValidationError):
+                    raise data
+                if len(data) == size and data.startswith(self.header):
+                    features[len(ids)] = np.frombuffer(data, dtype, count=width, offset=offset)
+                else:
+                    features[len(ids)] = load_npy(data, self.root.join(rel).uri, self.expected,
+                                                  self.reference)
                 ids.append(rel)
             except DataValidationError as exc:
                 if not self.skip:
                     raise
                 errors.append((rel, str(exc)))
-        width = int(np.prod(self.expected[0]))
-        features = np.stack(rows) if rows else np.zeros((0, width), np.float32)
+        features = features[:len(ids)]
         id_array = np.asarray(ids, dtype=object)
         keep, bad_rows = check_rows(features, id_array, self.root.uri, self.skip)
-        labels = np.array([p.rpartition("/")[0] for p in ids], dtype=object)
-        yield Chunk(id_array[keep], features[keep], labels[keep], errors + bad_rows, len(paths))
+        if bad_rows:  # a boolean mask copies every row: only when some were dropped
+            features, id_array = features[keep], id_array[keep]
+        labels = np.array([p.rpartition("/")[0] for p in id_array], dtype=object)
+        yield Chunk(id_array, features, labels, errors + bad_rows, len(paths))
 
 
 @dataclass(frozen=True)
@@ -119,10 +170,10 @@ class NpyTree:
         return int(np.prod(self.reader.expected[0]))
 
     def items(self, files_per_item: int = FILES_PER_ITEM) -> list[dict[str, Any]]:
-        files = self.files[len(self.skipped):]
-        return [{"index": i // files_per_item, "paths": files[i:i + files_per_item],
-                 "rows": len(files[i:i + files_per_item])}
-                for i in range(0, len(files), files_per_item)]
+        # No copy of the whole list (a million paths: 8 MB of pointers per copy); one slice each.
+        files, start = self.files, len(self.skipped)
+        return [{"index": (i - start) // files_per_item, "paths": (paths := files[i:i + files_per_item]),
+                 "rows": len(paths)} for i in range(start, len(files), files_per_item)]
 
 
 def _header(data: bytes, where: str) -> tuple[bytes, tuple[tuple[int, ...], np.dtype]]:

@@ -61,29 +61,41 @@ def _null_row(col: pa.Array, ids: np.ndarray) -> str:
     return show_id(ids[int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])])
 
 
-def _scalar_matrix(table: pa.Table, names: tuple[str, ...], where: str, ids: np.ndarray) -> np.ndarray:
+def _array(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
+    """One column as a single array: a record batch's as it is, a table's chunks joined (a copy
+    only when there are several: ``combine_chunks`` copies even a single chunk)."""
+    col = table.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def _scalar_matrix(table: pa.Table | pa.RecordBatch, names: tuple[str, ...], where: str,
+                   ids: np.ndarray) -> np.ndarray:
     parts = []
     for name in names:
-        col = table.column(name)
+        col = _array(table, name)
         if not _is_number(col.type):
             raise DataValidationError(f"{where}: column {name!r} has type {col.type}; expected numbers")
         if col.null_count:
             raise DataValidationError(f"{where}: column {name!r} is null at row id "
-                                      f"{_null_row(col.combine_chunks(), ids)}")
+                                      f"{_null_row(col, ids)}")
         parts.append(col.to_numpy().astype(np.float32))
     return np.stack(parts, axis=1)
 
 
-def feature_matrix(table: pa.Table, cols: ParquetColumns, where: str, ids: np.ndarray,
-                   width: int | None) -> np.ndarray:
+def feature_matrix(table: pa.Table | pa.RecordBatch, cols: ParquetColumns, where: str,
+                   ids: np.ndarray, width: int | None) -> np.ndarray:
     """The features of a parquet slice as float32 (n, d), whatever the column layout.
 
-    ``width`` is the expected number of features (None: take it from the first row).
+    ``width`` is the expected number of features (None: take it from the first row). A float32
+    tensor or fixed-size-list column without nulls comes back as a zero-copy, read-only view of
+    the Arrow buffer (no copy of the features between the parquet decoder and torch).
     """
     if cols.columns:
         return _scalar_matrix(table, cols.columns, where, ids)
     name = cols.column
-    col = table.column(name).combine_chunks()
+    col = _array(table, name)
     if isinstance(col, pa.ExtensionArray):
         col = col.storage
     if not _is_nested(col.type):
@@ -144,18 +156,20 @@ class ParquetReader:
         where = f"{file} (row group {group})"
         for piece in self._open(file).iter_batches(batch_size=ROWS_PER_SLICE, row_groups=[group],
                                                    columns=self.cols.names):
-            table = pa.Table.from_batches([piece])
             if self.cols.id_column:
-                ids = table.column(self.cols.id_column).to_numpy(zero_copy_only=False)
-                if table.column(self.cols.id_column).null_count:
-                    ids = np.asarray(table.column(self.cols.id_column).to_pylist(), dtype=object)
+                id_col = piece.column(self.cols.id_column)
+                ids = (np.asarray(id_col.to_pylist(), dtype=object) if id_col.null_count
+                       else id_col.to_numpy(zero_copy_only=False))
                 check_ids(ids, where)
             else:
-                ids = np.arange(position, position + table.num_rows, dtype=np.int64)
-            position += table.num_rows
-            rows = feature_matrix(table, self.cols, where, ids, self.width)
+                ids = np.arange(position, position + piece.num_rows, dtype=np.int64)
+            position += piece.num_rows
+            rows = feature_matrix(piece, self.cols, where, ids, self.width)
             keep, errors = check_rows(rows, ids, where, self.skip)
-            yield Chunk(ids[keep], rows[keep], None, errors, table.num_rows)
+            if errors:
+                ids, rows = ids[keep], rows[keep]
+            # All rows kept (the usual case): no boolean-mask copy of the features.
+            yield Chunk(ids, rows, None, errors, piece.num_rows)
 
 
 @dataclass(frozen=True)
