@@ -265,7 +265,13 @@ class CompressionVAE:
               lr_scheduling_factor: float = TrainConfig.lr_scheduling_factor,
               lr_scheduling_min: float = TrainConfig.lr_scheduling_min,
               checkpoint_every: int = TrainConfig.checkpoint_every,
-              verbose: bool = True) -> CompressionVAE:
+              verbose: bool = True,
+              neighbour_weight: float = TrainConfig.neighbour_weight,
+              neighbour_perplexity: float = TrainConfig.neighbour_perplexity,
+              neighbour_batch_size: int = TrainConfig.neighbour_batch_size,
+              neighbour_dof: float | None = TrainConfig.neighbour_dof,
+              neighbour_scale: float = TrainConfig.neighbour_scale,
+              neighbour_warmup_steps: int = TrainConfig.neighbour_warmup_steps) -> CompressionVAE:
         """Train for up to ``num_steps`` more optimizer steps; returns self.
 
         ``num_steps`` counts steps taken by this call (the original's was an absolute cap, so a
@@ -273,6 +279,9 @@ class CompressionVAE:
         divided the learning rate down to ``lr_scheduling_min``. The validation loss is computed
         on the whole validation split every ``test_every`` steps. Ctrl-C saves a checkpoint and
         returns the usable estimator.
+
+        ``neighbour_*`` set the neighbour-preserving term added to the objective (``TrainConfig``
+        documents each); ``neighbour_weight=0`` trains the original objective.
 
         A model restored from ``logdir`` continues only with ``overwrite=True`` (as the
         original). Optimizer moments continue from the checkpoint; so does the LR schedule,
@@ -296,7 +305,10 @@ class CompressionVAE:
             test_every=test_every, lr_scheduling=lr_scheduling,
             lr_scheduling_steps=lr_scheduling_steps, lr_scheduling_factor=lr_scheduling_factor,
             lr_scheduling_min=lr_scheduling_min, checkpoint_every=checkpoint_every,
-            batch_size=self.batch_size, batch_size_test=self.batch_size_test, seed=self.seed_)
+            batch_size=self.batch_size, batch_size_test=self.batch_size_test, seed=self.seed_,
+            neighbour_weight=neighbour_weight, neighbour_perplexity=neighbour_perplexity,
+            neighbour_batch_size=neighbour_batch_size, neighbour_dof=neighbour_dof,
+            neighbour_scale=neighbour_scale, neighbour_warmup_steps=neighbour_warmup_steps)
         if self.num_workers > 0:
             checkpoint, history = bridge.train_on_ray(self._checkpoint(), data, config,
                                                       self.num_workers)

@@ -91,7 +91,7 @@ def train_in_process(model: VAE, model_config: ModelConfig, normalizer: Normaliz
         checkpoint = Checkpoint(model_config, model.state_dict(), normalizer, current, config)
         write_checkpoint_to_logdir(checkpoint, run.logdir, config.keep_checkpoints)
 
-    batches = data.train_batches(config.batch_size, config.seed, state.step, normalizer)
+    batches = data.train_batches(config.step_rows, config.seed, state.step, normalizer)
 
     def evaluate() -> ValidationResult:
         model.eval()

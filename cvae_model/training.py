@@ -11,12 +11,18 @@ Randomness depends only on (seed, rank, step): each step's noise and dropout com
 generator seeded with ``derive_seed(seed, NOISE, rank, step)``, and batches are a function of
 (seed, step), so a run stopped at step s and resumed anywhere continues exactly as if it had not
 stopped.
+
+The objective is the negative ELBO plus, when ``TrainConfig.neighbour_weight > 0``, the weighted
+neighbour term ``KL(P || Q)`` of ``cvae_model.neighbours`` over the step's rows (``NeighbourTerm``;
+the term itself draws no randomness). With weight 0 a step is exactly the original objective's.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -26,10 +32,12 @@ from torch import Tensor, nn
 
 from cvae_model.checkpoint import TrainState
 from cvae_model.config import TrainConfig
+from cvae_model.neighbours import joint_affinities, neighbour_kl
 from cvae_model.seeds import NOISE, VALIDATION, derive_seed
 from cvae_model.vae import VAE
 
 __all__ = [
+    "NeighbourTerm",
     "NonFiniteTrainingError",
     "ProgressRecord",
     "RunMode",
@@ -38,8 +46,10 @@ __all__ = [
     "TrainingSetup",
     "ValidationResult",
     "evaluate_batches",
+    "compile_for_training",
     "make_optimizer",
     "make_scheduler",
+    "neighbour_term",
     "run_training",
     "setup_training",
     "train_step",
@@ -75,11 +85,16 @@ class ProgressRecord:
     val_kl: float
     learning_rate: float
     samples_per_s: float
+    train_neighbour_kl: float | None = None
+    """Mean KL(P || Q) of the training steps since the last validation (None: the term is off)."""
 
     def as_metrics(self) -> dict[str, float]:
-        return {"train_loss": self.train_loss, "val_loss": self.val_loss,
-                "val_reconstruction": self.val_recon, "val_kl": self.val_kl,
-                "learning_rate": self.learning_rate, "samples_per_s": self.samples_per_s}
+        metrics = {"train_loss": self.train_loss, "val_loss": self.val_loss,
+                   "val_reconstruction": self.val_recon, "val_kl": self.val_kl,
+                   "learning_rate": self.learning_rate, "samples_per_s": self.samples_per_s}
+        if self.train_neighbour_kl is not None:
+            metrics["train_neighbour_kl"] = self.train_neighbour_kl
+        return metrics
 
 
 class TrainingCallbacks(Protocol):
@@ -96,8 +111,39 @@ class TrainingCallbacks(Protocol):
 @dataclass(frozen=True)
 class StepResult:
     loss: float
+    """The step's objective: negative ELBO, plus the weighted neighbour term when it is on."""
     applied: bool
     """False when the gradient was non-finite and the step was skipped."""
+    neighbour_kl: float | None = None
+    """The unweighted KL(P || Q) of the step (None without the neighbour term)."""
+
+
+@dataclass(frozen=True)
+class NeighbourTerm:
+    """The neighbour term of one step: ``weight * KL(P || Q)`` over the rows of the batch.
+
+    P: ``joint_affinities`` of the (normalized) input rows at ``perplexity``; Q: Student-t
+    affinities with ``dof`` of their embedding, the vector ``VAE.embed`` returns, times
+    ``scale``.
+    """
+
+    weight: float
+    perplexity: float
+    dof: float
+    scale: float = 1.0
+    gather: Callable[[Tensor], Tensor] | None = None
+    """Concatenates every worker's rows along dim 0, passing gradients back to each worker's
+    own rows (Ray Train DDP), so the term sees the global batch; None in a single process."""
+
+
+def neighbour_term(config: TrainConfig, dim_latent: int, step: int,
+                   gather: Callable[[Tensor], Tensor] | None = None) -> NeighbourTerm | None:
+    """The term at ``step`` as ``config`` defines it, or None when it is off."""
+    if not config.neighbours_on:
+        return None
+    dof = config.neighbour_dof if config.neighbour_dof is not None else max(dim_latent - 1, 1)
+    return NeighbourTerm(config.neighbour_weight_at(step), float(config.neighbour_perplexity),
+                         float(dof), float(config.neighbour_scale), gather)
 
 
 @dataclass
@@ -110,7 +156,47 @@ class TrainingSetup:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=ADAM_EPS)
+    # fused=True: one kernel per parameter instead of a chain of foreach passes over the
+    # moments; Adam's memory traffic over 1-4M parameters is a large part of a small model's
+    # step (benchmarks/train_throughput.py: +25-30% steps/s at batch 64 on CPU). Same update.
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=ADAM_EPS,
+                            fused=fused or None)
+
+
+# ---- compile hook (benchmarks/train_throughput.py) ----------------------------------------
+COMPILE_MIN_STEPS = 20_000
+"""Runs of at least this many steps train through ``torch.compile`` (compiling costs 10-45 s on
+a 2-core machine and saves 1-3 ms per step there); ``CVAE_COMPILE=0`` turns it off."""
+
+
+class _CompiledOrEager(nn.Module):
+    """``torch.compile(module)``, falling back to ``module`` itself for good when compiling
+    fails (no C++ compiler for inductor, an unsupported platform): never worse than eager."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.compiled: nn.Module | None = torch.compile(module, dynamic=False)
+
+    def forward(self, *args: object) -> object:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # compile errors surface at the first call
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training "
+                              "eagerly", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.module(*args)
+
+
+def compile_for_training(module: nn.Module, config: TrainConfig) -> nn.Module:
+    """``module`` compiled for a run of ``config.num_steps`` steps when that pays, else itself."""
+    if (config.num_steps < COMPILE_MIN_STEPS or os.environ.get("CVAE_COMPILE", "1") == "0"
+            or not hasattr(torch, "compile")):
+        return module
+    return _CompiledOrEager(module)
+# ---- end of compile hook ---------------------------------------------------------------------
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer,
@@ -165,22 +251,40 @@ def setup_training(model: VAE, config: TrainConfig, saved: TrainState | None,
 
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *,
                keep_prob: float, grad_clip_norm: float, eps: Tensor | None = None,
-               generator: torch.Generator | None = None) -> StepResult:
+               generator: torch.Generator | None = None,
+               neighbours: NeighbourTerm | None = None) -> StepResult:
     """One optimizer step on batch ``x`` through ``module`` (a VAE, or a DDP-wrapped VAE).
 
-    Backward always runs, so DDP's gradient all-reduce happens on every worker; the step is then
-    skipped on all workers alike when the (synchronized) gradient norm is not finite.
+    The objective is the negative ELBO of ``x``, plus ``weight * KL(P || Q)`` over the rows of
+    ``x`` (gathered from every worker when ``neighbours.gather`` is set) with ``neighbours``.
+    Backward always runs, so DDP's gradient all-reduce happens on every worker; the
+    step is then skipped on all workers alike when the (synchronized) gradient norm is not finite.
     """
     optimizer.zero_grad(set_to_none=True)
-    out = module(x, keep_prob, eps, generator)
-    out.loss.backward()
+    kl_value = None
+    if neighbours is None:
+        out = module(x, keep_prob, eps, generator)
+        loss = out.loss
+    else:
+        # The embedding is computed inside forward: DDP must see every use of the weights.
+        out = module(x, keep_prob, eps, generator, x)
+        z, rows = out.embedding, x
+        if neighbours.gather is not None:
+            z = neighbours.gather(z)
+            with torch.no_grad():
+                rows = neighbours.gather(x)
+        kl = neighbour_kl(joint_affinities(rows, neighbours.perplexity), z * neighbours.scale,
+                          neighbours.dof)
+        loss = out.loss + neighbours.weight * kl
+        kl_value = float(kl.detach())
+    loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(out.loss.detach()), applied=False)
+        return StepResult(float(loss.detach()), applied=False, neighbour_kl=kl_value)
     optimizer.step()
-    return StepResult(float(out.loss.detach()), applied=True)
+    return StepResult(float(loss.detach()), applied=True, neighbour_kl=kl_value)
 
 
 @torch.no_grad()
@@ -225,22 +329,28 @@ def _check_finite_weights(model: nn.Module) -> None:
 def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: Iterator[Tensor],
                  evaluate: Callable[[], ValidationResult], config: TrainConfig,
                  callbacks: TrainingCallbacks, *, rank: int = 0,
-                 world_batch_rows: int | None = None) -> TrainState:
+                 world_batch_rows: int | None = None,
+                 gather: Callable[[Tensor], Tensor] | None = None) -> TrainState:
     """Train from ``setup.state.step`` to its target step or until the LR schedule converges.
 
     ``model`` is the bare VAE (checkpointed); ``module`` is what the forward pass runs through
-    (the same VAE, or its DDP wrapper). Validates every ``test_every`` steps (step 0 of a fresh
-    run included), applies the plateau rule and the stop-at-minimum-LR rule, saves every
-    ``checkpoint_every`` steps and at the end. A ``KeyboardInterrupt`` propagates after
-    ``setup.state`` was kept current, so the caller can save it.
+    (the same VAE, or its DDP wrapper). ``batches`` yield ``config.step_rows`` rows per step
+    (this worker's share of them); the neighbour term sees every worker's through ``gather``.
+    Validates every ``test_every`` steps (step 0 of a fresh run included), applies the plateau
+    rule and the stop-at-minimum-LR rule, saves every ``checkpoint_every`` steps and at the end.
+    A ``KeyboardInterrupt`` propagates after ``setup.state`` was kept current, so the caller can
+    save it.
     """
     optimizer, scheduler, state = setup.optimizer, setup.scheduler, setup.state
     if config.seed is None:
         raise ValueError("run_training needs a resolved seed (cvae_model.seeds.resolve_seed)")
-    rows_per_step = world_batch_rows or config.batch_size
+    rows_per_step = world_batch_rows or config.step_rows
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
+    if module is model:  # not under DDP (several workers): compile there is untested
+        module = compile_for_training(module, config)
     train_losses: list[float] = []  # losses of the steps since the last validation
+    neighbour_kls: list[float] = []
     nonfinite_in_a_row = 0
     last_saved, last_validated = state.step, -1
     window = [time.perf_counter(), state.step]  # start time and step of the samples/s window
@@ -256,10 +366,14 @@ def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: I
         window[:] = [now, state.step]
         train_loss = sum(train_losses) / len(train_losses) if train_losses else float("nan")
         train_losses.clear()
+        kl_mean = None
+        if config.neighbours_on:
+            kl_mean = sum(neighbour_kls) / len(neighbour_kls) if neighbour_kls else float("nan")
+        neighbour_kls.clear()
         state.last_val_loss = result.loss
         state.best_val_loss = min(state.best_val_loss, result.loss)
         callbacks.on_validation(ProgressRecord(state.step, train_loss, result.loss, result.recon,
-                                               result.kl, current_lr(optimizer), rate))
+                                               result.kl, current_lr(optimizer), rate, kl_mean))
         return result
 
     def snapshot() -> TrainState:
@@ -281,11 +395,15 @@ def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: I
         validate_and_schedule()  # the untrained model's loss, as the original logged
     while state.step < state.target_step and not state.converged:
         generator.manual_seed(derive_seed(config.seed, NOISE, rank, state.step))
+        term = neighbour_term(config, model.config.dim_latent, state.step, gather)
         step = train_step(module, optimizer, next(batches), keep_prob=config.dropout_keep_prob,
-                          grad_clip_norm=config.grad_clip_norm, generator=generator)
+                          grad_clip_norm=config.grad_clip_norm, generator=generator,
+                          neighbours=term)
         if step.applied:
             nonfinite_in_a_row = 0
             train_losses.append(step.loss)
+            if step.neighbour_kl is not None:
+                neighbour_kls.append(step.neighbour_kl)
         else:
             nonfinite_in_a_row += 1
             if nonfinite_in_a_row >= config.max_nonfinite_steps:

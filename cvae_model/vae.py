@@ -48,6 +48,9 @@ class VAEOutput(NamedTuple):
     log_var: Tensor
     x_hat: Tensor
     """Reconstruction of the (normalized) input, shape (n, d)."""
+    embedding: Tensor | None = None
+    """``embed(embed_rows)`` when ``forward`` was given ``embed_rows`` (the neighbour term's
+    input, computed inside ``forward`` so that DDP sees every use of the weights), else None."""
 
 
 def _dropout(h: Tensor, keep_prob: float, generator: torch.Generator | None) -> Tensor:
@@ -113,12 +116,14 @@ class VAE(nn.Module):
         return z
 
     def forward(self, x: Tensor, keep_prob: float = 1.0, eps: Tensor | None = None,
-                generator: torch.Generator | None = None) -> VAEOutput:
+                generator: torch.Generator | None = None,
+                embed_rows: Tensor | None = None) -> VAEOutput:
         """Negative ELBO of a batch with one reparameterized sample per row.
 
         ``eps`` fixes the noise (tests, equivalence checks); otherwise it is drawn from
         ``generator`` (or torch's global RNG). The dropout masks come from ``generator`` too, in
-        this order: encoder layers, noise, decoder layers.
+        this order: encoder layers, noise, decoder layers. ``embed_rows`` (m, d), optional:
+        also return their deterministic ``embed`` (no randomness drawn), with its graph.
         """
         post = self.encode(x, keep_prob, generator)
         if eps is None:
@@ -129,7 +134,12 @@ class VAE(nn.Module):
         x_hat = self.decode(z, keep_prob, generator)
         recon = gaussian_reconstruction(x, x_hat)
         kl = monte_carlo_kl(eps, post.log_var, z, log_det)
-        return VAEOutput((recon + kl).mean(), recon, kl, z0, z, post.mu, post.log_var, x_hat)
+        if embed_rows is x and keep_prob >= 1.0:  # embed(x)'s encoder pass is the one above
+            embedding: Tensor | None = self.flow(post.mu, post.hidden)[0]
+        else:
+            embedding = None if embed_rows is None else self.embed(embed_rows)
+        return VAEOutput((recon + kl).mean(), recon, kl, z0, z, post.mu, post.log_var, x_hat,
+                         embedding)
 
 
 def _block_diagonal_of(weight: Tensor, k: int, h: int) -> Tensor:

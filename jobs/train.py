@@ -6,13 +6,17 @@
 Runs unchanged under ``ray job submit`` (it joins ``RAY_ADDRESS`` when set), with data and Ray
 Train storage on an object store (``--data s3://...``, ``--storage-path s3://...``) and against
 an MLflow server (``MLFLOW_TRACKING_URI``). Prints a JSON summary: the MLflow run, the final step
-and metrics, where the model was saved and the registered version.
+and metrics, the quality report (``pipeline.quality``: trustworthiness, kNN accuracy where the
+data has labels, reconstruction error, on held-out rows; logged to the run and tagged on the
+registered version), where the model was saved and the registered version.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from typing import Any
 
 from cvae_model.config import ModelConfig, TrainConfig
 from jobs.arguments import (
@@ -22,6 +26,9 @@ from jobs.arguments import (
     config_from_args,
 )
 from jobs.runner import run_main
+
+QUALITY_ROWS = 2000
+"""pipeline.quality.QUALITY_ROWS, repeated so that --help does not import the pipeline."""
 
 __all__ = ["build_parser", "main"]
 
@@ -50,9 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="register the final model in the MLflow registry under NAME")
     parser.add_argument("--alias", action="append", default=[],
                         help="alias to set on the registered version (repeatable)")
+    parser.add_argument("--quality-rows", type=int, default=QUALITY_ROWS, metavar="N",
+                        help="held-out rows of the quality report (trustworthiness, kNN accuracy, "
+                             f"reconstruction error); 0 skips it (default: {QUALITY_ROWS})")
     parser.add_argument("--quiet", action="store_true", help="warnings only")
     add_storage_arguments(parser)
     return parser
+
+
+def _quality(result: Any, source: Any, valid: Any, split: float, rows: int) -> dict[str, float]:
+    """The final model's quality report on held-out rows, logged to its run; its figures."""
+    from cvae_model.fitted import FittedModel
+    from pipeline.quality import held_out_sample, log_quality, quality_report
+
+    seed = result.checkpoint.train_config.seed
+    try:
+        X, labels = held_out_sample(source, valid_source=valid, train_valid_split=split,
+                                    seed=seed, max_rows=rows)
+        report = quality_report(FittedModel.from_checkpoint(result.checkpoint), X, labels,
+                                max_rows=rows, seed=seed)
+    except ValueError as exc:  # too few held-out rows: the trained model still counts
+        logging.getLogger("cvae.jobs.train").warning("No quality report: %s", exc)
+        return {}
+    log_quality(result.run_id, report, result.checkpoint.train_state.step)
+    return report.metrics()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                    "step": result.checkpoint.train_state.step, "model": saved,
                    "metrics": dict(sorted(result.metrics.items())),
                    "seed": result.checkpoint.train_config.seed, "distributed": asdict(dist)}
+        quality: dict[str, float] = {}
+        if args.quality_rows > 0:
+            quality = _quality(result, source, valid, args.train_valid_split, args.quality_rows)
+            summary["quality"] = quality
         if args.register_as:
             from pipeline.registry import publish
 
             version = publish(result.run_id, result.checkpoint, args.register_as,
-                              aliases=args.alias, metrics=result.metrics)
+                              aliases=args.alias, metrics={**result.metrics, **quality})
             summary["registered"] = f"models:/{args.register_as}/{version}"
         return summary
 

@@ -33,7 +33,6 @@ from cvae_model.training import (
 from cvae_model.vae import VAE
 from pipeline.prepare import CACHE_BYTES
 from pipeline.ray_training import HISTORY_FILE, WorkerConfig
-from pipeline.tracking import RunTracker
 
 __all__ = ["run_worker"]
 
@@ -76,8 +75,7 @@ class _WorkerCallbacks:
         self.cfg, self.model, self.normalizer, self.rank = cfg, model, normalizer, rank
         self.history = history
         self.last_metrics: dict[str, float] = {}
-        self.tracker = (RunTracker.attach(*cfg.tracking)
-                        if rank == 0 and cfg.tracking is not None else None)
+        self.tracker = cfg.tracking.attach() if rank == 0 and cfg.tracking is not None else None
 
     def on_step(self, step: int, loss: float) -> None:
         for callback in self.cfg.callbacks:
@@ -112,6 +110,49 @@ class _WorkerCallbacks:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             # Every rank reports, the same number of times; only rank 0 attaches the checkpoint.
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each worker the gradient of its own rows.
+
+    Every worker computes the same neighbour loss from the gathered rows, so the gradient that
+    reaches a worker's rows is summed over the workers' losses (an all-reduce); DDP then averages
+    the parameter gradients over the workers, and the two together give exactly the gradient of
+    one loss over the global batch, as in process. (torch.distributed.nn's all_gather needs
+    reduce_scatter, which gloo lacks.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, world: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.rows, ctx.rank = group, x.shape[0], dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
+
+
+class _RowGather:
+    """Concatenates every worker's rows (same count on each) for the neighbour term.
+
+    Its collectives run in a process group of their own, so they never interleave with DDP's
+    gradient all-reduce, which runs while backward is still under way."""
+
+    def __init__(self, world: int) -> None:
+        import torch.distributed as dist
+
+        self.world = world
+        self.group = dist.new_group()  # DDP's backend; every rank calls this, in the same order
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _GatherRows.apply(x, self.group, self.world)
 
 
 def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
@@ -160,7 +201,10 @@ def run_worker(cfg: WorkerConfig) -> None:
     logger.info("rank %d starts at step %d (target %d, %s)", rank, setup.state.step,
                 setup.state.target_step, mode)
     module = ray.train.torch.prepare_model(model, move_to_device=False)
-    per_worker = config.batch_size // world
+    # This worker's share of a step's rows (config.step_rows: batch_size, raised to
+    # neighbour_batch_size with the neighbour term, which gathers every share: _RowGather).
+    per_worker = config.step_rows // world
+    gather = _RowGather(world) if config.neighbours_on and world > 1 else None
     batches = _train_batches(cfg, ray.train.get_dataset_shard("train"), rank, world, per_worker,
                              setup.state.step, normalizer, device)
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -185,4 +229,4 @@ def run_worker(cfg: WorkerConfig) -> None:
     callbacks = _WorkerCallbacks(cfg, model, normalizer, rank, history)
     model.train()
     run_training(model, module, setup, batches, evaluate, config, callbacks, rank=rank,
-                 world_batch_rows=per_worker * world)
+                 world_batch_rows=per_worker * world, gather=gather)

@@ -34,11 +34,15 @@ __all__ = [
     "METRIC_TAG_PREFIX",
     "ModelNotFoundError",
     "ModelSummary",
+    "PromotionRefused",
+    "PromotionResult",
+    "QUALITY_FIGURES",
     "VersionInfo",
     "client_for",
     "describe_version",
     "list_models",
     "log_cvae_model",
+    "promote",
     "publish",
     "register",
     "resolve_model_uri",
@@ -54,6 +58,8 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 METRIC_TAG_PREFIX = "metric."
 """Version tags ``metric.<name>`` hold the validation metrics the version was registered with."""
 REGISTRATION_TIMEOUT_S = 300
+QUALITY_FIGURES = ("quality_knn_accuracy", "quality_trustworthiness")
+"""What ``promote`` compares (``pipeline.quality``'s names; higher is better for both)."""
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 
 
@@ -357,3 +363,82 @@ def run_artifact_source(client: Any, uri: str, run_id: str, path: str) -> str:
     present += [f"{m.name} (logged model)" for m in logged]
     raise ModelNotFoundError(f"{uri}: run {run_id} has no artifact or logged model {path!r}; "
                              f"it has: {', '.join(present) or '(nothing)'}")
+
+
+# ------------------------------------------------------------------------------- promotion
+class PromotionRefused(ValueError):
+    """The candidate is worse than the alias's current version, or has no quality report."""
+
+
+@dataclass(frozen=True)
+class PromotionResult:
+    """What ``promote`` did: the alias now points at ``candidate``."""
+
+    name: str
+    alias: str
+    candidate: str
+    previous: str | None
+    """The version the alias pointed at before (None: the alias is new)."""
+    figures: dict[str, tuple[float | None, float | None]]
+    """figure -> (candidate's value, previous version's value)."""
+
+
+def _compare(candidate: VersionInfo, current: VersionInfo,
+             tolerance: float) -> tuple[dict[str, tuple[float | None, float | None]], list[str]]:
+    """Each quality figure of both versions, and why the candidate is worse (empty: it is not)."""
+    figures, worse = {}, []
+    for figure in QUALITY_FIGURES:
+        new, old = candidate.metrics.get(figure), current.metrics.get(figure)
+        figures[figure] = (new, old)
+        if old is None:
+            continue  # the current version has no such figure: nothing to fall short of
+        if new is None:
+            worse.append(f"{figure}: version {candidate.version} has none, version "
+                         f"{current.version} has {old:.4f}")
+        elif new < old - tolerance:
+            worse.append(f"{figure}: {new:.4f} < {old:.4f} (version {current.version})"
+                         + (f" - tolerance {tolerance:g}" if tolerance else ""))
+    return figures, worse
+
+
+def promote(name: str, candidate: str | int, alias: str, *, tolerance: float = 0.0) -> PromotionResult:
+    """Move ``models:/NAME@ALIAS`` to version ``candidate`` only if it is not worse.
+
+    Not worse: for each figure of ``QUALITY_FIGURES`` that the alias's current version has, the
+    candidate has it too and ``candidate >= current - tolerance``. An alias that does not exist
+    yet is set (the candidate still needs a quality report). Raises ``PromotionRefused`` naming
+    each figure that falls short; nothing is changed then.
+
+    Our own rule rather than MLflow's ``validate_evaluation_results``/``MetricThreshold``: those
+    take ``mlflow.evaluate`` results, and a ``MetricThreshold`` can demand a positive improvement
+    but not "not worse" (``min_absolute_change`` must be > 0), which is the rule asked for here.
+    """
+    if not 0 <= tolerance < float("inf"):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    client = client_for()
+    _check_model(client, name)
+    new = _version_info(_check_version(client, name, str(candidate)))
+    if not any(figure in new.metrics for figure in QUALITY_FIGURES):
+        raise PromotionRefused(
+            f"Version {new.version} of {name!r} has no quality report (tags metric."
+            f"{', metric.'.join(QUALITY_FIGURES)}); register models trained by `cvae train`, or "
+            f"pass metrics from pipeline.quality.quality_report to register()")
+    aliases = _aliases_of(client.get_registered_model(name))
+    previous = aliases.get(alias)
+    figures: dict[str, tuple[float | None, float | None]] = {
+        figure: (new.metrics.get(figure), None) for figure in QUALITY_FIGURES}
+    if previous is not None and previous != new.version:
+        current = _version_info(_check_version(client, name, previous))
+        figures, worse = _compare(new, current, tolerance)
+        if worse:
+            raise PromotionRefused(
+                f"Not promoting version {new.version} of {name!r} to @{alias}: it is worse than "
+                f"version {previous} on " + "; ".join(worse) + f". @{alias} stays on version "
+                f"{previous}.")
+    try:
+        client.set_registered_model_alias(name, alias, new.version)
+    except Exception as exc:  # MlflowException: a reserved or malformed alias ("latest", "v3")
+        raise ValueError(f"Cannot set alias {alias!r} on {name!r}: {exc}") from None
+    logger.info("models:/%s@%s -> version %s (was %s)", name, alias, new.version, previous)
+    return PromotionResult(name, alias, new.version, previous, figures)
+

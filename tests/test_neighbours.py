@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from scipy.spatial.distance import squareform
 from sklearn.datasets import load_digits
 from sklearn.manifold._t_sne import _joint_probabilities
 
+from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.neighbours import (
     conditional_affinities,
     effective_perplexity,
@@ -20,6 +23,8 @@ from cvae_model.neighbours import (
     squared_distances,
     student_t_affinities,
 )
+from cvae_model.training import NeighbourTerm, neighbour_term, train_step
+from cvae_model.vae import VAE
 
 TOL = 1e-5  # the default entropy tolerance, in nats (scikit-learn's PERPLEXITY_TOLERANCE)
 
@@ -305,3 +310,161 @@ def test_cuda_matches_cpu(digits: torch.Tensor) -> None:
     neighbour_kl(p_cpu, z).backward()
     neighbour_kl(p_gpu, zg).backward()
     assert torch.allclose(zg.grad.cpu(), z.grad, rtol=1e-6, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- in training
+TINY = ModelConfig(dim_feature=64, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8))
+
+
+def test_the_step_objective_is_elbo_plus_weighted_kl_of_embed(digits: torch.Tensor) -> None:
+    """The wiring: the ELBO with the step's noise plus the weighted KL(P(x) || Q(scale *
+    embed(x))); the same gradient as the objective written out by hand."""
+    x = digits[:40].float()
+    eps = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = VAE(TINY)
+    reference = VAE(TINY)
+    reference.load_state_dict(model.state_dict())
+    term = NeighbourTerm(weight=3.0, perplexity=5.0, dof=1.0, scale=2.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights: compare grads
+    result = train_step(model, optimizer, x, keep_prob=1.0, grad_clip_norm=1e9, eps=eps,
+                        neighbours=term)
+    expected_kl = neighbour_kl(joint_affinities(x, 5.0), 2.0 * reference.embed(x), 1.0)
+    expected = reference(x, 1.0, eps).loss + 3.0 * expected_kl
+    expected.backward()
+    assert result.applied and result.neighbour_kl == pytest.approx(float(expected_kl.detach()), rel=1e-5)
+    assert result.loss == pytest.approx(float(expected.detach()), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("keep_prob", [1.0, 0.5])
+def test_forward_returns_exactly_embed_of_the_rows(digits: torch.Tensor, keep_prob: float) -> None:
+    """The term's embedding is embed()'s vector, with or without dropout in the ELBO pass (the
+    encoder pass is shared only when there is no dropout)."""
+    torch.manual_seed(0)
+    model = VAE(TINY)
+    x = digits[:30].float()
+    generator = torch.Generator().manual_seed(1)
+    shared = model(x, keep_prob, None, generator, x)
+    separate = model(x, keep_prob, None, torch.Generator().manual_seed(1), x.clone())
+    assert torch.equal(shared.embedding, model.embed(x))
+    assert torch.equal(separate.embedding, model.embed(x))
+    assert model(x).embedding is None
+
+
+def test_weight_zero_is_the_original_objective_and_draws_the_batch_size() -> None:
+    off = TrainConfig(neighbour_weight=0.0, batch_size=64, neighbour_batch_size=512)
+    assert neighbour_term(off, 2, step=0) is None  # the step's code path of old
+    assert off.step_rows == 64 and not off.neighbours_on
+    on = TrainConfig(neighbour_weight=2.0, batch_size=64, neighbour_batch_size=512)
+    assert on.step_rows == 512
+    assert TrainConfig(neighbour_weight=2.0, batch_size=1024, neighbour_batch_size=512).step_rows == 1024
+    term = neighbour_term(on, 2, step=0)
+    assert term is not None and term.dof == 1.0
+    assert neighbour_term(on, 16, step=0).dof == 15.0  # type: ignore[union-attr]
+    assert neighbour_term(on, 1, step=0).dof == 1.0  # type: ignore[union-attr]
+
+
+def test_warmup_ramps_the_weight_linearly_by_step() -> None:
+    config = TrainConfig(neighbour_weight=4.0, neighbour_warmup_steps=100)
+    assert [config.neighbour_weight_at(s) for s in (0, 49, 99, 5000)] == [0.04, 2.0, 4.0, 4.0]
+    assert TrainConfig(neighbour_weight=4.0, neighbour_warmup_steps=0).neighbour_weight_at(0) == 4.0
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("neighbour_weight", -1.0, r"'neighbour_weight' parameter of CompressionVAE.train must be a "
+                               r"finite number >= 0 \(0 turns the neighbour term off\). Got -1.0"),
+    ("neighbour_weight", math.inf, r"'neighbour_weight' .* Got inf instead"),
+    ("neighbour_perplexity", 0.0, r"'neighbour_perplexity' .* must be a number > 0. Got 0.0"),
+    ("neighbour_batch_size", 1, r"'neighbour_batch_size' .* range \[2, inf\). Got 1 instead"),
+    ("neighbour_dof", -2.0, r"'neighbour_dof' .* must be a number > 0. Got -2.0"),
+    ("neighbour_warmup_steps", -1, r"'neighbour_warmup_steps' .* range \[0, inf\). Got -1"),
+])
+def test_bad_neighbour_settings_are_refused(field: str, value: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_a_config_saved_before_the_term_existed_reads_as_weight_zero() -> None:
+    old = {k: v for k, v in TrainConfig().to_dict().items() if not k.startswith("neighbour_")}
+    assert TrainConfig.from_dict(old).neighbour_weight == 0.0
+    assert TrainConfig.from_dict(TrainConfig(neighbour_weight=3.0).to_dict()).neighbour_weight == 3.0
+
+
+def test_training_with_the_term_resumes_exactly(tmp_path: Path) -> None:
+    """40 steps, then 30 more, equal 70 straight: the term adds no randomness and its batches
+    are a function of (seed, step) like the ELBO's."""
+    from cvae_model import CompressionVAE
+
+    X = load_digits().data[:400]
+    params = {"random_state": 5, "dim_latent": 2, "iaf_flow_length": 1, "cells_encoder": [16, 8]}
+    train = {"lr_scheduling": False, "test_every": 10, "verbose": False, "neighbour_weight": 2.0,
+             "neighbour_batch_size": 96, "neighbour_warmup_steps": 50}
+    straight = CompressionVAE(X, logdir=tmp_path / "straight", **params).train(num_steps=70, **train)
+    split = CompressionVAE(X, logdir=tmp_path / "split", **params).train(num_steps=40, **train)
+    resumed = CompressionVAE(X, logdir=tmp_path / "split", **params)
+    resumed.train(num_steps=30, overwrite=True, **train)
+    assert resumed.state_.step == 70 and split.state_.step == 40
+    np.testing.assert_array_equal(resumed.embed(X), straight.embed(X))
+    assert "train_neighbour_kl" in straight.history_[-1]
+    saved = resumed.train_config_
+    assert saved is not None and (saved.neighbour_weight, saved.neighbour_batch_size) == (2.0, 96)
+
+
+def _ddp_neighbour_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.ray_worker import _RowGather
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(dim_feature=8, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8)))
+    module = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    rows = slice(rank * 6, (rank + 1) * 6)
+    x, eps = torch.tensor(config["x"])[rows], torch.tensor(config["eps"])[rows]
+    term = NeighbourTerm(weight=5.0, perplexity=3.0, dof=1.0, scale=2.0, gather=_RowGather(2))
+    result = train_step(module, optimizer, x, keep_prob=1.0, grad_clip_norm=100.0, eps=eps,
+                        neighbours=term)
+    if rank == 0:
+        np.savez(config["out"], kl=result.neighbour_kl,
+                 **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    ray.train.report({"done": 1})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_workers_gather_the_term_and_equal_one_in_process_step(ray_session: object,
+                                                                    tmp_path: Path) -> None:
+    """Each worker embeds its 6 rows; the term runs over all 12 gathered rows and its gradient
+    reaches each worker's rows: one DDP step equals one in-process step on the 12 rows."""
+    import ray.cloudpickle as cloudpickle
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(12, 8)) + np.repeat(rng.normal(size=(3, 8)) * 3, 4, axis=0)).astype(np.float32)
+    eps = rng.normal(size=(12, 2)).astype(np.float32)
+    out = tmp_path / "ddp.npz"
+    TorchTrainer(_ddp_neighbour_worker,
+                 train_loop_config={"x": x.tolist(), "eps": eps.tolist(), "out": str(out)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2,
+                                                        resources_per_worker={"CPU": 0.5}),
+                 run_config=ray.train.RunConfig(name="neighbour-gather",
+                                                storage_path=str(tmp_path / "ray"))).fit()
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(dim_feature=8, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8)))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    term = NeighbourTerm(weight=5.0, perplexity=3.0, dof=1.0, scale=2.0)
+    result = train_step(model, optimizer, torch.from_numpy(x), keep_prob=1.0, grad_clip_norm=100.0,
+                        eps=torch.from_numpy(eps), neighbours=term)
+    with np.load(out) as ddp:
+        assert float(ddp["kl"]) == pytest.approx(result.neighbour_kl, rel=1e-5)
+        for name, value in model.state_dict().items():
+            np.testing.assert_allclose(ddp[name], value.numpy(), atol=1e-5, rtol=0, err_msg=name)
+            assert not torch.equal(initial[name], value) or "mask" in name, name
