@@ -148,12 +148,13 @@ def embed_part(work: Path, files: int, dim: int, repeats: int) -> None:
                 mode, str(work / "tree"), str(model_dir), str(work / "out")]))
             shutil.rmtree(work / "out", ignore_errors=True)
             loads.append(load_text())
-    shutil.rmtree(work / "tree", ignore_errors=True)
     print(f"\n{files:,} .npy files of {dim} float32 (100 folders), default {dim}->2 model, "
           f"{os.cpu_count()} CPUs; load average (1/5/15 min) before and after each run: "
           f"{' -> '.join(loads)}\n")
     ratio = print_table(results, "files")
-    print(f"\njob files/s over the faster plain loop's files/s: {ratio:.2f} (goal >= 0.8)")
+    print(f"\njob files/s over the faster plain loop's files/s: {ratio:.2f} (goal >= 0.8)",
+          flush=True)
+    shutil.rmtree(work / "tree", ignore_errors=True)  # minutes for 1M files: after the table
 
 
 # ---------------------------------------------------------------------------- loops

@@ -23,8 +23,6 @@ NEIGHBOUR_WEIGHT = 15.0
 """Default weight of the neighbour term, chosen by measurement (README, "Changed defaults"): on
 digits (2-D, seed 0) 10-NN accuracy rose with the weight up to 10-15 (0.82 at 0, 0.91 at 2, 0.94
 at 10-15) and stayed there to 80, while reconstruction was best around 5-15."""
-NEIGHBOUR_WARMUP_STEPS = 0
-"""Default warm-up of the neighbour term's weight, chosen by measurement."""
 
 
 def _check_int(owner: str, name: str, value: object, low: int) -> None:
@@ -182,8 +180,6 @@ class TrainConfig:
     """Q is computed on ``neighbour_scale`` times the embedding (a Student-t kernel of length
     1 / neighbour_scale): t-SNE spreads clusters over tens of units, the VAE's N(0, I) prior
     over a few; at 1 the two fight and the ELBO gives up a latent dimension."""
-    neighbour_warmup_steps: int = NEIGHBOUR_WARMUP_STEPS
-    """The term's weight rises linearly from 0 over the first this many steps of a model."""
 
     def __post_init__(self) -> None:
         owner = "CompressionVAE.train"
@@ -217,7 +213,6 @@ class TrainConfig:
         if self.neighbour_dof is not None:
             _check_positive(owner, "neighbour_dof", self.neighbour_dof)
         _check_positive(owner, "neighbour_scale", self.neighbour_scale)
-        _check_int(owner, "neighbour_warmup_steps", self.neighbour_warmup_steps, 0)
 
     @property
     def neighbours_on(self) -> bool:
@@ -231,13 +226,6 @@ class TrainConfig:
         if not self.neighbours_on:
             return self.batch_size
         return max(self.batch_size, self.neighbour_batch_size)
-
-    def neighbour_weight_at(self, step: int) -> float:
-        """The term's weight at (0-based) optimizer step ``step``: the linear warm-up, then
-        ``neighbour_weight``."""
-        if self.neighbour_warmup_steps == 0:
-            return float(self.neighbour_weight)
-        return float(self.neighbour_weight) * min(1.0, (step + 1) / self.neighbour_warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -270,8 +270,7 @@ class CompressionVAE:
               neighbour_perplexity: float = TrainConfig.neighbour_perplexity,
               neighbour_batch_size: int = TrainConfig.neighbour_batch_size,
               neighbour_dof: float | None = TrainConfig.neighbour_dof,
-              neighbour_scale: float = TrainConfig.neighbour_scale,
-              neighbour_warmup_steps: int = TrainConfig.neighbour_warmup_steps) -> CompressionVAE:
+              neighbour_scale: float = TrainConfig.neighbour_scale) -> CompressionVAE:
         """Train for up to ``num_steps`` more optimizer steps; returns self.
 
         ``num_steps`` counts steps taken by this call (the original's was an absolute cap, so a
@@ -308,7 +307,7 @@ class CompressionVAE:
             batch_size=self.batch_size, batch_size_test=self.batch_size_test, seed=self.seed_,
             neighbour_weight=neighbour_weight, neighbour_perplexity=neighbour_perplexity,
             neighbour_batch_size=neighbour_batch_size, neighbour_dof=neighbour_dof,
-            neighbour_scale=neighbour_scale, neighbour_warmup_steps=neighbour_warmup_steps)
+            neighbour_scale=neighbour_scale)
         if self.num_workers > 0:
             checkpoint, history = bridge.train_on_ray(self._checkpoint(), data, config,
                                                       self.num_workers)

@@ -356,21 +356,16 @@ def test_forward_returns_exactly_embed_of_the_rows(digits: torch.Tensor, keep_pr
 
 def test_weight_zero_is_the_original_objective_and_draws_the_batch_size() -> None:
     off = TrainConfig(neighbour_weight=0.0, batch_size=64, neighbour_batch_size=512)
-    assert neighbour_term(off, 2, step=0) is None  # the step's code path of old
+    assert neighbour_term(off, 2) is None  # the step's code path of old
     assert off.step_rows == 64 and not off.neighbours_on
     on = TrainConfig(neighbour_weight=2.0, batch_size=64, neighbour_batch_size=512)
     assert on.step_rows == 512
     assert TrainConfig(neighbour_weight=2.0, batch_size=1024, neighbour_batch_size=512).step_rows == 1024
-    term = neighbour_term(on, 2, step=0)
-    assert term is not None and term.dof == 1.0
-    assert neighbour_term(on, 16, step=0).dof == 15.0  # type: ignore[union-attr]
-    assert neighbour_term(on, 1, step=0).dof == 1.0  # type: ignore[union-attr]
-
-
-def test_warmup_ramps_the_weight_linearly_by_step() -> None:
-    config = TrainConfig(neighbour_weight=4.0, neighbour_warmup_steps=100)
-    assert [config.neighbour_weight_at(s) for s in (0, 49, 99, 5000)] == [0.04, 2.0, 4.0, 4.0]
-    assert TrainConfig(neighbour_weight=4.0, neighbour_warmup_steps=0).neighbour_weight_at(0) == 4.0
+    term = neighbour_term(on, 2)
+    assert term is not None and (term.weight, term.dof, term.scale) == (2.0, 1.0, on.neighbour_scale)
+    assert neighbour_term(on, 16).dof == 15.0  # type: ignore[union-attr]
+    assert neighbour_term(on, 1).dof == 1.0  # type: ignore[union-attr]
+    assert neighbour_term(TrainConfig(neighbour_weight=2.0, neighbour_dof=3.0), 2).dof == 3.0  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
@@ -380,7 +375,7 @@ def test_warmup_ramps_the_weight_linearly_by_step() -> None:
     ("neighbour_perplexity", 0.0, r"'neighbour_perplexity' .* must be a number > 0. Got 0.0"),
     ("neighbour_batch_size", 1, r"'neighbour_batch_size' .* range \[2, inf\). Got 1 instead"),
     ("neighbour_dof", -2.0, r"'neighbour_dof' .* must be a number > 0. Got -2.0"),
-    ("neighbour_warmup_steps", -1, r"'neighbour_warmup_steps' .* range \[0, inf\). Got -1"),
+    ("neighbour_scale", 0.0, r"'neighbour_scale' .* must be a number > 0. Got 0.0"),
 ])
 def test_bad_neighbour_settings_are_refused(field: str, value: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -401,7 +396,7 @@ def test_training_with_the_term_resumes_exactly(tmp_path: Path) -> None:
     X = load_digits().data[:400]
     params = {"random_state": 5, "dim_latent": 2, "iaf_flow_length": 1, "cells_encoder": [16, 8]}
     train = {"lr_scheduling": False, "test_every": 10, "verbose": False, "neighbour_weight": 2.0,
-             "neighbour_batch_size": 96, "neighbour_warmup_steps": 50}
+             "neighbour_batch_size": 96}
     straight = CompressionVAE(X, logdir=tmp_path / "straight", **params).train(num_steps=70, **train)
     split = CompressionVAE(X, logdir=tmp_path / "split", **params).train(num_steps=40, **train)
     resumed = CompressionVAE(X, logdir=tmp_path / "split", **params)
