@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 # Before ray/mlflow are imported anywhere: nothing may reach the internet, and Ray Data resource
 # starvation must raise instead of hanging for 30 minutes. Token authentication is turned off for
@@ -14,6 +15,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Nothing a test runs may write into the checkout's cvae_runs/ (a run name left there by an
+# earlier session would be refused as reused): the session's own home, unless a test sets one.
+os.environ.setdefault("CVAE_HOME", tempfile.mkdtemp(prefix="cvae-test-home-"))
 
 from collections.abc import Iterator
 from pathlib import Path
