@@ -18,6 +18,7 @@ import pytest
 import ray.cloudpickle as cloudpickle
 import torch
 from conftest import REPO
+from fault_helpers import KillRankOneAt
 
 from cvae_model import CompressionVAE
 from cvae_model.checkpoint import load_checkpoint
@@ -160,22 +161,6 @@ print(json.dumps({{"status": run.info.status, "params": run.data.params, "steps"
     assert {"config.json", "checkpoints"} <= set(info["arts"])
     assert info["ckpts"] == ["checkpoints/checkpoint-000000300", "checkpoints/checkpoint-000000600"]
     assert info["tags"]["cvae.feature_dim"] == "64" and info["tags"]["cvae.train_rows"] == "1500"
-
-
-class KillRankOneAt:
-    """A training callback that kills rank 1's process once, at a given step (fault injection)."""
-
-    def __init__(self, step: int, marker: str) -> None:
-        self.step, self.marker = step, marker
-
-    def on_step(self, step: int, loss: float) -> None:
-        import ray.train
-
-        if (step == self.step and ray.train.get_context().get_world_rank() == 1
-                and not os.path.exists(self.marker)):
-            Path(self.marker).write_text(str(step))
-            time.sleep(3)  # let the controller register the last checkpoint, as real failures do
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle as cloudpickle
 from conftest import REPO, SMALL_MODEL
+from fault_helpers import KillRankOneAt
 from s3_helpers import S3, moto_server, s3  # noqa: F401 - fixtures
 
 from cvae_model import CompressionVAE
@@ -263,22 +263,6 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------ Ray Train storage
-class KillRankOneOnce:
-    """Kills rank 1's process at ``step``, once (a lost worker)."""
-
-    def __init__(self, step: int, marker: str) -> None:
-        self.step, self.marker = step, marker
-
-    def on_step(self, step: int, loss: float) -> None:
-        import ray.train
-
-        if (step == self.step and ray.train.get_context().get_world_rank() == 1
-                and not os.path.exists(self.marker)):
-            Path(self.marker).write_text(str(step))
-            time.sleep(3)  # let the controller register the last checkpoint, as real failures do
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_ray_train_storage_on_s3_restarts_a_lost_worker_and_resumes(
         ray_session: Any, cvae_home: Path, s3: S3, rows: np.ndarray, tmp_path: Path,
@@ -291,7 +275,7 @@ def test_ray_train_storage_on_s3_restarts_a_lost_worker_and_resumes(
                          lr_scheduling=False, seed=0)
     dist = DistributedConfig(num_workers=2, storage_path=s3.uri("ray"), run_name="s3run", max_failures=1)
     result = run_distributed_training(s3.uri("tree"), SMALL_MODEL, config, dist,
-                                      callbacks=[KillRankOneOnce(30, str(marker))])
+                                      callbacks=[KillRankOneAt(30, str(marker))])
     assert marker.read_text() == "30"
     assert result.checkpoint.train_state.step == 60
     checkpoints = {k.split("/")[2] for k in s3.keys("ray/s3run/") if k.count("/") == 3}
