@@ -33,7 +33,8 @@ from pipeline.storage import Location, resolve
 
 __all__ = ["ModelNotFoundError", "ResolvedModel", "resolve_model", "save_model"]
 
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
+"""``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry's references)."""
 _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/?(?P<path>.*)$")
 
 
@@ -119,7 +120,7 @@ def resolve_model(reference: str | os.PathLike[str]) -> ResolvedModel:
         from pipeline.registry import client_for, run_artifact_source
 
         client = client_for()
-        if _MODELS_URI.match(text):
+        if MODELS_URI.match(text):
             name, version, source = _registered(client, text)
         elif (match := _RUNS_URI.match(text)) is not None:
             source = run_artifact_source(client, text, match["run_id"], match["path"])

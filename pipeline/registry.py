@@ -18,7 +18,6 @@ the server named by ``MLFLOW_TRACKING_URI`` otherwise.
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cvae_model.checkpoint import Checkpoint
-from pipeline.model_uri import ModelNotFoundError
+from pipeline.model_uri import MODELS_URI, ModelNotFoundError
 
 __all__ = [
     "METRIC_TAG_PREFIX",
@@ -60,7 +59,6 @@ METRIC_TAG_PREFIX = "metric."
 REGISTRATION_TIMEOUT_S = 300
 QUALITY_FIGURES = ("quality_knn_accuracy", "quality_trustworthiness")
 """What ``promote`` compares (``pipeline.quality``'s names; higher is better for both)."""
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))/?$")
 
 
 @dataclass(frozen=True)
@@ -330,7 +328,7 @@ def list_models() -> list[ModelSummary]:
 def resolve_model_uri(uri: str, client: Any = None) -> tuple[str, str]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); raises
     ModelNotFoundError naming what exists when the model, alias or version does not."""
-    match = _MODELS_URI.match(uri)
+    match = MODELS_URI.match(uri)
     if match is None:
         raise ValueError(f"{uri!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION URI")
     client = client or client_for()

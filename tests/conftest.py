@@ -45,6 +45,19 @@ def ray_session() -> Iterator[object]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module's fits: on the 2-core CI machine with its other core
+    busy, two threads wait on each other at every op (measured: 300 digits steps 4 ms each alone,
+    300 ms each so)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def cvae_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """This test's own embedded MLflow store and job outputs (``CVAE_HOME``)."""

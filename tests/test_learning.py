@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO
 from sklearn.datasets import load_digits
 from sklearn.manifold import trustworthiness
@@ -117,16 +115,6 @@ TRUST_MIN = 0.95
 RAY_STEPS = 1500
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for these fits: on the 2-core CI machine with its other core busy,
-    two threads wait on each other at every op (300 ms a step instead of 5)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def figures(model: CompressionVAE, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
     z = model.embed(X)
     return {"knn": knn_accuracy(z, y), "trust": float(trustworthiness(X, z, n_neighbors=10)),
@@ -201,7 +189,7 @@ def test_defaults_keep_neighbourhoods_on_digits_and_still_reconstruct(
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_two_ray_workers_learn_what_one_process_learns(
-        ray_session: object, cvae_home: Path, one_thread: None, tmp_path: Path) -> None:
+        ray_session: object, cvae_home: Path, one_torch_thread: None, tmp_path: Path) -> None:
     """The term on 2 Ray Train workers (each embeds its half of the step's rows, the term runs
     on the gathered batch) gives the in-process figures within 0.02."""
     X, y = load_digits(return_X_y=True)

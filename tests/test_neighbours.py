@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ray_helpers import run_on_two_workers
 from scipy.spatial.distance import squareform
 from sklearn.datasets import load_digits
 from sklearn.manifold._t_sne import _joint_probabilities
@@ -29,15 +29,9 @@ from cvae_model.vae import VAE
 TOL = 1e-5  # the default entropy tolerance, in nats (scikit-learn's PERPLEXITY_TOLERANCE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread while these tests run: on a 2-core machine whose other core is busy,
-    every n x n op split over 2 threads waits a scheduler slice for the second one (~8 ms),
-    which turns this module's ~2 s into ~50 s. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: split over 2 threads on a busy 2-core machine, every n x n op waits a
+# scheduler slice for the second one, which turns this module's ~2 s into ~50 s.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -437,20 +431,14 @@ def test_two_workers_gather_the_term_and_equal_one_in_process_step(ray_session: 
     """Each worker embeds its 6 rows; the term runs over all 12 gathered rows and its gradient
     reaches each worker's rows: one DDP step equals one in-process step on the 12 rows."""
     import ray.cloudpickle as cloudpickle
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(12, 8)) + np.repeat(rng.normal(size=(3, 8)) * 3, 4, axis=0)).astype(np.float32)
     eps = rng.normal(size=(12, 2)).astype(np.float32)
     out = tmp_path / "ddp.npz"
-    TorchTrainer(_ddp_neighbour_worker,
-                 train_loop_config={"x": x.tolist(), "eps": eps.tolist(), "out": str(out)},
-                 scaling_config=ray.train.ScalingConfig(num_workers=2,
-                                                        resources_per_worker={"CPU": 0.5}),
-                 run_config=ray.train.RunConfig(name="neighbour-gather",
-                                                storage_path=str(tmp_path / "ray"))).fit()
+    run_on_two_workers(_ddp_neighbour_worker, {"x": x.tolist(), "eps": eps.tolist(), "out": str(out)},
+                       "neighbour-gather", tmp_path / "ray")
     torch.manual_seed(0)
     model = VAE(ModelConfig(dim_feature=8, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8)))
     initial = {k: v.clone() for k, v in model.state_dict().items()}

@@ -3,13 +3,11 @@ against a real MLflow store (SQLite, as the embedded default)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-import torch
 from registry_helpers import EXPERIMENT, use_store
 
 from cvae_model import CompressionVAE
@@ -21,14 +19,7 @@ from pipeline.tracking import ensure_experiment
 SMALL = {"dim_latent": 2, "iaf_flow_length": 1, "cells_encoder": [32, 16]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on the 2-core CI machine with its other core busy, two threads wait
-    on each other at every op (measured: 300 digits steps 4 ms each alone, 300 ms each so)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def publish_with_report(model: CompressionVAE, X: np.ndarray, y: np.ndarray, name: str,

@@ -4,14 +4,12 @@ held-out rows really held out, and ``cvae train`` logs the report with the run a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pytest
-import torch
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
@@ -31,14 +29,7 @@ from pipeline.split import is_train_row
 SMALL = {"dim_latent": 2, "iaf_flow_length": 1, "cells_encoder": [32, 16]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on the 2-core CI machine with its other core busy, two threads wait
-    on each other at every op (measured: 300 digits steps 4 ms each alone, 300 ms each so)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

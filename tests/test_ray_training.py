@@ -18,7 +18,7 @@ import pytest
 import ray.cloudpickle as cloudpickle
 import torch
 from conftest import REPO
-from fault_helpers import KillRankOneAt
+from ray_helpers import KillRankOneAt, run_on_two_workers
 
 from cvae_model import CompressionVAE
 from cvae_model.checkpoint import load_checkpoint
@@ -55,19 +55,13 @@ def _equivalence_worker(config: dict[str, Any]) -> None:
 @pytest.mark.timeout(240)
 def test_two_workers_one_step_equals_one_in_process_step_of_twice_the_batch(
         ray_session: Any, tmp_path: Path) -> None:
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 8)).astype(np.float32)
     eps = rng.normal(size=(8, 2)).astype(np.float32)
     out = tmp_path / "ddp.npz"
-    TorchTrainer(_equivalence_worker,
-                 train_loop_config={"x": x.tolist(), "eps": eps.tolist(), "out": str(out)},
-                 scaling_config=ray.train.ScalingConfig(num_workers=2,
-                                                        resources_per_worker={"CPU": 0.5}),
-                 run_config=ray.train.RunConfig(name="equivalence",
-                                                storage_path=str(tmp_path / "ray"))).fit()
+    run_on_two_workers(_equivalence_worker, {"x": x.tolist(), "eps": eps.tolist(), "out": str(out)},
+                       "equivalence", tmp_path / "ray")
     torch.manual_seed(0)
     model = VAE(ModelConfig(dim_feature=8, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8)))
     initial = {k: v.clone() for k, v in model.state_dict().items()}

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle as cloudpickle
 from conftest import REPO, SMALL_MODEL
-from fault_helpers import KillRankOneAt
+from ray_helpers import KillRankOneAt
 from s3_helpers import S3, moto_server, s3  # noqa: F401 - fixtures
 
 from cvae_model import CompressionVAE

@@ -1,11 +1,13 @@
-"""Fault injection for Ray Train runs: a training callback that kills a worker process."""
+"""Ray Train helpers for tests: a two-worker run of a loop, and a callback that kills a worker."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class KillRankOneAt:
@@ -23,3 +25,15 @@ class KillRankOneAt:
             Path(self.marker).write_text(str(step))
             time.sleep(3)  # let the controller register the last checkpoint, as real failures do
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_on_two_workers(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], name: str,
+                       storage: Path) -> None:
+    """``loop(config)`` on 2 Ray Train workers (half a CPU each, so the 2-CPU test runtime has
+    room for the controller) with its run stored under ``storage``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(loop, train_loop_config=config,
+                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 run_config=ray.train.RunConfig(name=name, storage_path=str(storage))).fit()
