@@ -226,17 +226,20 @@ def main() -> None:
         args.files, args.s3_files, args.s3_plain = 20_000, 2_000, 1_000
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = Path(tempfile.mkdtemp(prefix="cvae-scale-", dir=args.workdir))
-    table: list[tuple[str, str]] = []
+    print("| measure | value |\n|---|---|", flush=True)
     try:
+        # Each part's rows as soon as it ends: the S3 part takes many minutes on moto.
         if not args.s3_only:
-            table += local_part(work / "tree", args.files, args.dim, work)
+            _print_rows(local_part(work / "tree", args.files, args.dim, work))
         if not args.no_s3:
-            table += s3_part(args.s3_files, args.s3_plain, args.dim, work)
+            _print_rows(s3_part(args.s3_files, args.s3_plain, args.dim, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("| measure | value |\n|---|---|")
-    for name, value in table:
-        print(f"| {name} | {value} |")
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    for name, value in rows:
+        print(f"| {name} | {value} |", flush=True)
 
 
 def local_part(root: Path, files: int, dim: int, work: Path) -> list[tuple[str, str]]:

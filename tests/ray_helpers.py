@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import ray.cloudpickle as cloudpickle
+
+# Ray workers cannot import this file (tests/ is on the driver's path only): the callbacks and
+# loops defined here travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class KillRankOneAt:

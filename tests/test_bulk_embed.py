@@ -144,13 +144,27 @@ def test_rerun_is_refused_without_overwrite_and_replaces_with_it(
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".z")] == []
 
 
+@pytest.fixture(scope="module")
+def long_parquet(tmp_path_factory: pytest.TempPathFactory, rows: np.ndarray) -> Path:
+    """40 parquet files of ``rows`` (200,000 rows, ids ``p<file>-<row>``): a job that runs for
+    seconds and writes many parts, so that it can be stopped between its first part and its
+    commit (the 5,000-file tree takes a fraction of a second: the window was a race)."""
+    folder = tmp_path_factory.mktemp("long")
+    x = pa.FixedShapeTensorArray.from_numpy_ndarray(rows)
+    for part in range(40):
+        pq.write_table(pa.table({"key": [f"p{part}-{i}" for i in range(len(rows))], "x": x}),
+                       folder / f"{part:02d}.parquet", row_group_size=1000)
+    return folder
+
+
 def test_sigterm_leaves_no_temporary_output_and_ends_the_run(
-        ray_session: Any, tree: Path, trained: Path, tmp_path: Path, cvae_home: Path) -> None:
+        ray_session: Any, long_parquet: Path, trained: Path, tmp_path: Path, cvae_home: Path) -> None:
     out = tmp_path / "z"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "CVAE_HOME": str(cvae_home)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.embed", "--model", str(trained), "--data",
-                             str(tree), "--output", str(out), "--batch-size", "64", "--num-actors", "1"],
+                             str(long_parquet), "--column", "x", "--id-column", "key", "--output",
+                             str(out), "--batch-size", "64", "--num-actors", "1"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -167,12 +181,12 @@ def test_sigterm_leaves_no_temporary_output_and_ends_the_run(
 
 
 def test_a_killed_job_leaves_nothing_that_looks_complete_and_is_swept(
-        ray_session: Any, tree: Path, trained: Path, tmp_path: Path) -> None:
+        ray_session: Any, long_parquet: Path, tree: Path, trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "z"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.embed", "--model", str(trained), "--data",
-                             str(tree), "--output", str(out), "--batch-size", "64", "--no-track",
-                             "--quiet"], cwd=REPO, env=env, start_new_session=True,
+                             str(long_parquet), "--column", "x", "--id-column", "key", "--output",
+                             str(out), "--batch-size", "64", "--no-track", "--quiet"], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".z.tmp-*/parts-*/*.parquet")):
