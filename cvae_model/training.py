@@ -264,7 +264,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *
     step is then skipped on all workers alike when the (synchronized) gradient norm is not finite.
     """
     optimizer.zero_grad(set_to_none=True)
-    kl_value = None
+    kl: Tensor | None = None
     if neighbours is None:
         out = module(x, keep_prob, eps, generator)
         loss = out.loss
@@ -279,15 +279,17 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *
         kl = neighbour_kl(joint_affinities(rows, neighbours.perplexity), z * neighbours.scale,
                           neighbours.dof)
         loss = out.loss + neighbours.weight * kl
-        kl_value = float(kl.detach())
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-    if not torch.isfinite(grad_norm):
+    applied = bool(torch.isfinite(grad_norm))
+    if applied:
+        optimizer.step()
+    else:
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(float(loss.detach()), applied=False, neighbour_kl=kl_value)
-    optimizer.step()
-    return StepResult(float(loss.detach()), applied=True, neighbour_kl=kl_value)
+    # Read back to Python only now: a .item() before backward would stall a GPU's queue.
+    return StepResult(float(loss.detach()), applied=applied,
+                      neighbour_kl=None if kl is None else float(kl.detach()))
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cvae_model.progress import Progress
-from pipeline.errors import DataValidationError, raise_data_errors
+from pipeline.errors import raise_data_errors
 from pipeline.runtime import cpu_shares
 from pipeline.storage import Location
 
@@ -117,19 +117,6 @@ def _add(result: BulkResult, out: dict[str, list[Any]]) -> int:
     return rows_in
 
 
-def _get(ref: Any) -> Any:
-    """A task's result; a ``DataValidationError`` raised in the actor comes back as itself
-    (Ray raises it as a task error whose text is Ray's traceback, not the user's message)."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, DataValidationError):
-            raise DataValidationError(str(exc.cause)) from None
-        raise
-
-
 class ActorPool:
     """``actors`` Ray actors for ``worker``, spread over the cluster's nodes; a context manager
     that kills them on exit, also on errors and Ctrl-C (they hold CPUs and GPUs)."""
@@ -181,11 +168,11 @@ class ActorPool:
         with Progress(total_rows, desc=desc, unit="rows", enabled=progress) as bar, \
                 raise_data_errors():
             for ref in ready:  # a worker that cannot start (a bad model) fails here, named
-                _get(ref)
+                ray.get(ref)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 submit(pending.pop(done[0]))  # before reading the result: keep its queue full
-                bar.update(_add(result, _get(done[0])))
+                bar.update(_add(result, ray.get(done[0])))
         result.parts.sort(key=lambda part: part["path"])
         return result
 

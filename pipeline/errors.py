@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["DataValidationError", "raise_data_errors", "release_ray_references", "show_id"]
+__all__ = ["DataValidationError", "raise_data_errors", "show_id"]
 
 
 class DataValidationError(ValueError):
@@ -23,13 +23,19 @@ def show_id(row_id: object) -> str:
     return repr(row_id.item() if isinstance(row_id, np.generic) else row_id)
 
 
+def _raised_by_ray(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray's task error for it: ``ray.get`` raises a ``RayTaskError(X)`` that
+    subclasses the task's own error ``X`` but whose text is Ray's traceback."""
+    return type(exc).__module__.startswith("ray.")
+
+
 def _find_data_error(exc: BaseException) -> DataValidationError | None:
     """The ``DataValidationError`` inside a Ray task error, by its cause chain or its text."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, DataValidationError):
+        if isinstance(current, DataValidationError) and not _raised_by_ray(current):
             return DataValidationError(str(current).strip())
         current = getattr(current, "cause", None) or current.__cause__ or current.__context__
     match = _WRAPPED.search(str(exc))
@@ -46,9 +52,9 @@ def raise_data_errors() -> Iterator[None]:
     """
     try:
         yield
-    except DataValidationError:
-        raise
     except Exception as exc:
+        if isinstance(exc, DataValidationError) and not _raised_by_ray(exc):
+            raise
         error = _find_data_error(exc)
         if error is None:
             raise
@@ -58,20 +64,3 @@ def raise_data_errors() -> Iterator[None]:
     # frames: they (and the failed execution's actors, which hold CPUs) are freed at once, even
     # while a caller keeps this error.
     raise error
-
-
-def release_ray_references(error: BaseException) -> None:
-    """Drop what ties a data error to Ray's failed execution, so its actors free their CPUs now.
-
-    The error we raise names the bad file or row; Ray's task error (its ``__context__``) and the
-    finished frames under the handler (which hold it) would otherwise keep the failed execution's
-    executor and actors alive for as long as the caller keeps the error (a notebook, a test).
-    """
-    error.__context__ = None
-    tb = error.__traceback__
-    while tb is not None:
-        try:
-            tb.tb_frame.clear()  # only finished frames can be cleared; ours are still running
-        except RuntimeError:
-            pass
-        tb = tb.tb_next

@@ -253,11 +253,10 @@ def _run(pool: ActorPool, started: float, threads: int, source: SourceSpec,
                 else model.source, output.target.uri)
     tracker = RunTracker(enabled=config.track).start(config.experiment, tags={"cvae.job": "embed"})
     with tracker, output:
-        if tracker.enabled:  # log_params imports mlflow (~1 s) even for a disabled tracker
-            tracker.log_params({"model": config.model, "model_name": model.name,
-                                "model_version": model.version, "input": opened.location.uri,
-                                **{f"source.{k}": v for k, v in asdict(source).items()},
-                                **{k: v for k, v in asdict(config).items() if k != "model"}})
+        tracker.log_params({"model": config.model, "model_name": model.name,
+                            "model_version": model.version, "input": opened.location.uri,
+                            **{f"source.{k}": v for k, v in asdict(source).items()},
+                            **{k: v for k, v in asdict(config).items() if k != "model"}})
         result = pool.run(opened.items, (ray.put(model.files), opened.reader,
                                          (output.parts, output.parts_path), config, threads),
                           total_rows=opened.rows, desc="cvae embed", progress=config.progress)
@@ -277,10 +276,9 @@ def _run(pool: ActorPool, started: float, threads: int, source: SourceSpec,
                                errors_file)
         manifest = output.commit({**{k: v for k, v in asdict(summary).items()
                                      if k != "mlflow_run_id"}, "parts": result.parts})
-        if tracker.enabled:
-            tracker.log_metrics({k: float(getattr(summary, k)) for k in
-                                 ("rows_in", "rows_out", "rows_skipped", "seconds", "rows_per_s")}, 0)
-            tracker.log_dict(manifest, "manifest.json")
+        tracker.log_metrics({k: float(getattr(summary, k)) for k in
+                             ("rows_in", "rows_out", "rows_skipped", "seconds", "rows_per_s")}, 0)
+        tracker.log_dict(manifest, "manifest.json")
     logger.info("embedded %d rows (%d skipped) in %.1f s, %.0f rows/s -> %s", summary.rows_out,
                 summary.rows_skipped, summary.seconds, summary.rows_per_s, output.target.uri)
     return EmbedSummary(**{**asdict(summary), "mlflow_run_id": tracker.run_id})

@@ -58,19 +58,21 @@ class ResolvedModel:
     """Where the files were read: a path, a URI, or the MLflow artifact URI."""
 
 
+def checkpoint_files_at(place: Location) -> dict[str, bytes]:
+    """The checkpoint files (of ``CHECKPOINT_FILES``) that the folder ``place`` holds, by name."""
+    present = {info.base_name for info in place.children()}
+    return {name: place.join(name).read_bytes() for name in CHECKPOINT_FILES if name in present}
+
+
 def _from_location(location: Location, reference: str) -> tuple[dict[str, bytes], str]:
     """The files of the checkpoint at or (latest complete) under an object-store location."""
-    def files_of(place: Location) -> dict[str, bytes]:
-        present = {info.base_name for info in place.children()}
-        return {name: place.join(name).read_bytes() for name in CHECKPOINT_FILES if name in present}
-
-    found = files_of(location)
+    found = checkpoint_files_at(location)
     if set(found) == CHECKPOINT_FILES:
         return found, location.uri
     numbered = sorted((checkpoint_step(info.base_name), info.base_name) for info in location.children()
                       if checkpoint_step(info.base_name) is not None)
     for _, name in reversed(numbered):
-        candidate = files_of(location.join(name))
+        candidate = checkpoint_files_at(location.join(name))
         if set(candidate) == CHECKPOINT_FILES:
             return candidate, location.join(name).uri
     if found:

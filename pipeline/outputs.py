@@ -160,8 +160,7 @@ class CommittedOutput:
                 Location(self.target.filesystem, info.path, info.path).delete()
 
     def __enter__(self) -> CommittedOutput:
-        if self.target.is_local:  # an object store has no folders: a part's key makes its prefix
-            self.parts.mkdir()
+        self.parts.mkdir()
         return self
 
     @property

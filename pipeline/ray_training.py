@@ -35,13 +35,14 @@ from typing import Any, Literal
 
 import torch
 
-from cvae_model.checkpoint import CHECKPOINT_FILES, Checkpoint, TrainState
+from cvae_model.checkpoint import Checkpoint, TrainState
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.data import TrainingData
 from cvae_model.normalization import Normalizer
 from cvae_model.seeds import INIT, derive_seed, resolve_seed
 from cvae_model.training import RunMode
 from cvae_model.vae import VAE
+from pipeline.model_uri import checkpoint_files_at
 from pipeline.prepare import PreparedData, prepare
 from pipeline.runtime import cpu_shares, ensure_ray
 from pipeline.storage import Location, resolve
@@ -220,10 +221,9 @@ def _read_result(checkpoint: Any, storage: Location) -> tuple[Checkpoint, list[d
     path, base = checkpoint.path.rstrip("/"), storage.path.rstrip("/")
     uri = storage.uri + path[len(base):] if path.startswith(base + "/") else path
     place = Location(checkpoint.filesystem, path, uri)
-    present = {info.base_name for info in place.children()}
-    files = {name: place.join(name).read_bytes() for name in CHECKPOINT_FILES if name in present}
-    history = json.loads(place.join(HISTORY_FILE).read_bytes()) if HISTORY_FILE in present else []
-    return Checkpoint.from_files(files, place.uri), history
+    history_file = place.join(HISTORY_FILE)
+    history = json.loads(history_file.read_bytes()) if history_file.exists() else []
+    return Checkpoint.from_files(checkpoint_files_at(place), place.uri), history
 
 
 def _initial(prepared: PreparedData, model_args: dict[str, Any], seed: int,

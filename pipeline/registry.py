@@ -28,6 +28,7 @@ import numpy as np
 
 from cvae_model.checkpoint import Checkpoint
 from pipeline.model_uri import MODELS_URI, ModelNotFoundError
+from pipeline.quality import KNN_METRIC, TRUST_METRIC
 
 __all__ = [
     "METRIC_TAG_PREFIX",
@@ -57,7 +58,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 METRIC_TAG_PREFIX = "metric."
 """Version tags ``metric.<name>`` hold the validation metrics the version was registered with."""
 REGISTRATION_TIMEOUT_S = 300
-QUALITY_FIGURES = ("quality_knn_accuracy", "quality_trustworthiness")
+QUALITY_FIGURES = (KNN_METRIC, TRUST_METRIC)
 """What ``promote`` compares (``pipeline.quality``'s names; higher is better for both)."""
 
 
@@ -414,14 +415,14 @@ def promote(name: str, candidate: str | int, alias: str, *, tolerance: float = 0
     if not 0 <= tolerance < float("inf"):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     client = client_for()
-    _check_model(client, name)
+    model = _check_model(client, name)
     new = _version_info(_check_version(client, name, str(candidate)))
     if not any(figure in new.metrics for figure in QUALITY_FIGURES):
         raise PromotionRefused(
             f"Version {new.version} of {name!r} has no quality report (tags metric."
             f"{', metric.'.join(QUALITY_FIGURES)}); register models trained by `cvae train`, or "
             f"pass metrics from pipeline.quality.quality_report to register()")
-    aliases = _aliases_of(client.get_registered_model(name))
+    aliases = _aliases_of(model)
     previous = aliases.get(alias)
     figures: dict[str, tuple[float | None, float | None]] = {
         figure: (new.metrics.get(figure), None) for figure in QUALITY_FIGURES}

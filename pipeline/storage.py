@@ -164,13 +164,15 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Write a whole object (on object stores one PUT: readers see all of it or nothing)."""
-        if self.is_local:  # object stores have no folders to make
-            self.parent().mkdir()
+        self.parent().mkdir()
         with self.filesystem.open_output_stream(self.path) as stream:
             stream.write(data)
 
     def mkdir(self) -> None:
-        self.filesystem.create_dir(self.path, recursive=True)
+        """Make this directory and its parents; nothing on an object store, which has no
+        folders (a key makes its prefix), so no empty marker objects are written there."""
+        if self.is_local:
+            self.filesystem.create_dir(self.path, recursive=True)
 
     def delete(self) -> None:
         """Remove a directory tree or a file; nothing if absent."""

@@ -180,12 +180,16 @@ class RunTracker:
         return self
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:  # before importing mlflow (~1 s) for nothing
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in params.items()]
         self._call("logging parameters", lambda: self.client.log_batch(self.run_id, params=items))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:  # before importing mlflow (~1 s) for nothing
+            return
         import math
 
         from mlflow.entities import Metric
@@ -196,6 +200,8 @@ class RunTracker:
                    lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.enabled:  # before importing mlflow (~1 s) for nothing
+            return
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
