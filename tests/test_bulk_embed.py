@@ -66,9 +66,11 @@ def test_the_three_inference_paths_agree(ray_session: Any, parquet: Path, traine
     from jobs import decode as decode_job
     from pipeline.model_uri import resolve_model
     from pipeline.registry import client_for, log_cvae_model
+    from pipeline.tracking import ensure_experiment
 
     client_for()
-    with mlflow.start_run():
+    # Named, not MLflow's active experiment: an earlier test's may not exist in this store.
+    with mlflow.start_run(experiment_id=ensure_experiment("cvae-test")):
         info = log_cvae_model(resolve_model(str(trained)).checkpoint)
     pyfunc = mlflow.pyfunc.load_model(info.model_uri)
     estimator = CompressionVAE.load(trained)

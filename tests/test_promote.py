@@ -46,16 +46,24 @@ def models(digits: tuple[np.ndarray, np.ndarray], tmp_path_factory: pytest.TempP
     return {"poor": poor, "good": good}
 
 
+@pytest.fixture()
+def held_out(digits: tuple[np.ndarray, np.ndarray], tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, np.ndarray]:
+    """This test's own embedded store, and the digits the models did not train on (the rows
+    their quality reports are computed on)."""
+    use_store(tmp_path / "home", monkeypatch)
+    return digits[0][1200:], digits[1][1200:]
+
+
 def alias_target(name: str, alias: str) -> str:
     return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
 
 
 @pytest.mark.timeout(300)
 def test_promote_moves_the_alias_for_a_better_candidate_and_refuses_a_worse_one(
-        models: dict[str, CompressionVAE], digits: tuple[np.ndarray, np.ndarray], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    use_store(tmp_path / "home", monkeypatch)
-    X, y = digits[0][1200:], digits[1][1200:]
+        models: dict[str, CompressionVAE], held_out: tuple[np.ndarray, np.ndarray],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    X, y = held_out
     poor = publish_with_report(models["poor"], X, y, "digits", ["champion"])
     good = publish_with_report(models["good"], X, y, "digits", [])
     figures = {v: mlflow.MlflowClient().get_model_version("digits", v).tags for v in (poor, good)}
@@ -87,10 +95,9 @@ def test_promote_moves_the_alias_for_a_better_candidate_and_refuses_a_worse_one(
 
 @pytest.mark.timeout(300)
 def test_promote_refuses_a_version_without_a_report_and_unknown_versions(
-        models: dict[str, CompressionVAE], digits: tuple[np.ndarray, np.ndarray], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    use_store(tmp_path / "home", monkeypatch)
-    X, y = digits[0][1200:], digits[1][1200:]
+        models: dict[str, CompressionVAE], held_out: tuple[np.ndarray, np.ndarray],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    X, y = held_out
     good = publish_with_report(models["good"], X, y, "digits", ["champion"])
     bare = publish_with_report(models["good"], X, y, "digits", [], with_report=False)
     assert main(["promote", "digits", "--candidate", bare, "--alias", "staging"]) == PROMOTION_REFUSED

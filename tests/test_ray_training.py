@@ -18,13 +18,12 @@ import pytest
 import ray.cloudpickle as cloudpickle
 import torch
 from conftest import REPO
-from ray_helpers import KillRankOneAt, run_on_two_workers
+from ray_helpers import KillRankOneAt, assert_same_step, run_on_two_workers, small_vae
 
 from cvae_model import CompressionVAE
 from cvae_model.checkpoint import load_checkpoint
-from cvae_model.config import ModelConfig, TrainConfig
+from cvae_model.config import TrainConfig
 from cvae_model.training import make_optimizer, train_step
-from cvae_model.vae import VAE
 from pipeline.ray_training import DistributedConfig, run_distributed_training
 from pipeline.tracking import tracking_uri
 
@@ -39,8 +38,7 @@ def _equivalence_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(0)
-    model = VAE(ModelConfig(dim_feature=8, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8)))
+    model = small_vae()
     module = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(module, TrainConfig(learning_rate=1e-2))
     x = torch.tensor(config["x"])[rank * 4:(rank + 1) * 4]
@@ -55,23 +53,16 @@ def _equivalence_worker(config: dict[str, Any]) -> None:
 @pytest.mark.timeout(240)
 def test_two_workers_one_step_equals_one_in_process_step_of_twice_the_batch(
         ray_session: Any, tmp_path: Path) -> None:
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 8)).astype(np.float32)
     eps = rng.normal(size=(8, 2)).astype(np.float32)
-    out = tmp_path / "ddp.npz"
-    run_on_two_workers(_equivalence_worker, {"x": x.tolist(), "eps": eps.tolist(), "out": str(out)},
-                       "equivalence", tmp_path / "ray")
-    torch.manual_seed(0)
-    model = VAE(ModelConfig(dim_feature=8, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8)))
+    out = run_on_two_workers(_equivalence_worker, x, eps, "equivalence", tmp_path)
+    model = small_vae()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-2))
     train_step(model, optimizer, torch.from_numpy(x), keep_prob=1.0, grad_clip_norm=100.0,
                eps=torch.from_numpy(eps))
-    with np.load(out) as ddp:
-        for name, value in model.state_dict().items():
-            np.testing.assert_allclose(ddp[name], value.numpy(), atol=1e-5, rtol=0, err_msg=name)
-            assert not torch.equal(initial[name], value) or "mask" in name
+    assert_same_step(out, model, initial)
 
 
 def _weights_and_adam(estimator: CompressionVAE) -> tuple[dict[str, np.ndarray], int, float]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,6 +203,19 @@ def test_log_outside_a_run_says_so(store: str, trained: list[tuple[CompressionVA
 
 
 # ---------------------------------------------------------------------- bad references
+def test_loading_by_alias_leaves_no_temporary_folder(registered: str, data: np.ndarray, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ``models:/`` load downloads into a temporary folder; none is left behind."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    assert tempfile.gettempdir() == str(tmp)
+    for _ in range(2):
+        assert CompressionVAE.load("models:/embedder@champion").embed(data[:3]).shape == (3, 2)
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("cvae-")) == []
+
+
 def test_unknown_model_lists_the_registered_ones(registered: str) -> None:
     with pytest.raises(ModelNotFoundError, match=r"No registered model 'embeder'; registered models: embedder$"):
         CompressionVAE.load("models:/embeder@champion")

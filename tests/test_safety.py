@@ -111,6 +111,21 @@ def test_a_complete_embed_exits_0_whatever_tracking_did(
     assert f"MLflow at {dead}" in done.stderr and "the work goes on" in done.stderr
 
 
+@pytest.mark.timeout(180)
+def test_no_track_leaves_mlflow_alone(ray_session: Any, trained: Path, parquet: Path,
+                                      tmp_path: Path) -> None:
+    """``--no-track``: the output is written and no MLflow store is opened or created."""
+    home = tmp_path / "cvae"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, CVAE_HOME=str(home))
+    done = subprocess.run(_embed_command(trained, parquet, tmp_path / "z", "--column", "x",
+                                         "--id-column", "key", "--no-track"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_manifest(tmp_path / "z")["rows_out"] == 5000
+    assert not (home / "mlflow.db").exists() and not (home / "artifacts").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_job_keeps_rays_token_authentication(trained: Path, parquet: Path, tmp_path: Path) -> None:
