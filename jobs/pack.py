@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -67,7 +67,7 @@ class PackConfig:
             raise ValueError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
 
 
-def _read_ahead(reader: Any, items: list[dict[str, Any]], threads: int) -> Iterator[list[Any]]:
+def _read_ahead(reader: Any, items: Sequence[dict[str, Any]], threads: int) -> Iterator[list[Any]]:
     """The chunks of each item, in order, read by ``threads`` threads at most 2 x threads ahead."""
     with ThreadPoolExecutor(threads, thread_name_prefix="cvae-pack") as pool:
         pending: deque[Future[list[Any]]] = deque()

@@ -142,7 +142,7 @@ class ActorPool:
             ray.kill(actor, no_restart=True)
         self.actors = []
 
-    def run(self, items: list[dict[str, Any]], args: tuple[Any, ...], *, total_rows: int,
+    def run(self, items: Sequence[dict[str, Any]], args: tuple[Any, ...], *, total_rows: int,
             desc: str, progress: bool = True) -> BulkResult:
         """Build every actor's worker from ``args``, run ``items`` through them, collect the
         records. An error in an item (a ``DataValidationError`` naming the bad file or row)
@@ -177,7 +177,7 @@ class ActorPool:
         return result
 
 
-def run_items(items: list[dict[str, Any]], worker: type, args: tuple[Any, ...], *, actors: int,
+def run_items(items: Sequence[dict[str, Any]], worker: type, args: tuple[Any, ...], *, actors: int,
               cpus: float, use_gpu: bool, total_rows: int, desc: str,
               progress: bool = True) -> BulkResult:
     """Run ``items`` through ``actors`` instances of ``worker(*args)`` (an ``ActorPool``

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +25,7 @@ from pipeline.errors import DataValidationError
 from pipeline.rows import Chunk, check_rows
 from pipeline.storage import Location
 
-__all__ = ["FILES_PER_ITEM", "REMOTE_READ_THREADS", "NpyReader", "NpyTree", "load_npy",
+__all__ = ["FILES_PER_ITEM", "REMOTE_READ_THREADS", "NpyItems", "NpyReader", "NpyTree", "load_npy",
            "open_npy_tree"]
 
 FILES_PER_ITEM = 2048
@@ -156,11 +156,41 @@ class NpyReader:
 
 
 @dataclass(frozen=True)
+class NpyItems(Sequence[dict[str, Any]]):
+    """The work items of a tree, each made when it is asked for: ``index``, ``paths`` (a list of
+    up to ``per_item`` relative paths) and ``rows``. A million paths stay in ``files`` (a
+    ``PathList``) instead of becoming a million Python strings in a list of items."""
+
+    files: Sequence[str]
+    start: int
+    """Files before this position are not in any item (skipped while opening)."""
+    per_item: int
+
+    def __len__(self) -> int:
+        return -(-(len(self.files) - self.start) // self.per_item)
+
+    def _item(self, index: int) -> dict[str, Any]:
+        first = self.start + index * self.per_item
+        paths = list(self.files[first:first + self.per_item])
+        return {"index": index, "paths": paths, "rows": len(paths)}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range ({len(self)} items)")
+        return self._item(index)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self._item(index) for index in range(len(self)))
+
+
+@dataclass(frozen=True)
 class NpyTree:
     """A listed tree: its files (sorted), the reader and the files that failed up front."""
 
     root: Location
-    files: list[str]
+    files: Sequence[str]
     reader: NpyReader
     skipped: list[tuple[str, str]]
     """Files before the first readable one, in skip mode (they are in no item)."""
@@ -169,11 +199,8 @@ class NpyTree:
     def width(self) -> int:
         return int(np.prod(self.reader.expected[0]))
 
-    def items(self, files_per_item: int = FILES_PER_ITEM) -> list[dict[str, Any]]:
-        # No copy of the whole list (a million paths: 8 MB of pointers per copy); one slice each.
-        files, start = self.files, len(self.skipped)
-        return [{"index": (i - start) // files_per_item, "paths": (paths := files[i:i + files_per_item]),
-                 "rows": len(paths)} for i in range(start, len(files), files_per_item)]
+    def items(self, files_per_item: int = FILES_PER_ITEM) -> NpyItems:
+        return NpyItems(self.files, len(self.skipped), files_per_item)
 
 
 def _header(data: bytes, where: str) -> tuple[bytes, tuple[tuple[int, ...], np.dtype]]:
@@ -189,7 +216,7 @@ def _header(data: bytes, where: str) -> tuple[bytes, tuple[tuple[int, ...], np.d
     return data[:stream.tell()], (tuple(shape), np.dtype(dtype))
 
 
-def open_npy_tree(root: Location, files: list[str], skip: bool = False) -> NpyTree:
+def open_npy_tree(root: Location, files: Sequence[str], skip: bool = False) -> NpyTree:
     """Check the first of the tree's ``files`` (sorted relative paths; in skip mode: the first
     readable one) and hold the rest for ``items``."""
     if not files:

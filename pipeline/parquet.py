@@ -9,7 +9,7 @@ reads one row group in slices, so memory does not depend on how large the writer
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -175,7 +175,7 @@ class ParquetReader:
 @dataclass(frozen=True)
 class ParquetSet:
     root: Location
-    files: list[str]
+    files: Sequence[str]
     """Filesystem paths of the data files, sorted."""
     reader: ParquetReader
     rows: int
@@ -220,7 +220,7 @@ def _resolve_columns(schema: pa.Schema, cols: ParquetColumns, first: str) -> Par
     return replace(cols, columns=floats)
 
 
-def _width(root: Location, files: list[str], cols: ParquetColumns, schema: pa.Schema) -> int:
+def _width(root: Location, files: Sequence[str], cols: ParquetColumns, schema: pa.Schema) -> int:
     """Features per row: from the schema when it fixes them, else from the first row."""
     if cols.columns:
         return len(cols.columns)
@@ -240,7 +240,7 @@ def _width(root: Location, files: list[str], cols: ParquetColumns, schema: pa.Sc
     raise DataValidationError(f"{root.uri}: the parquet data set has no rows")
 
 
-def open_parquet(root: Location, files: list[str], cols: ParquetColumns,
+def open_parquet(root: Location, files: Sequence[str], cols: ParquetColumns,
                  skip: bool = False) -> ParquetSet:
     """Read the footers of ``files`` (filesystem paths, sorted): a file or a directory's files."""
     if not files:

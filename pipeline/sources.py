@@ -10,7 +10,7 @@ Ray Data tasks (training, statistics), the bulk jobs read them inside their acto
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import DataValidationError, raise_data_errors
+from pipeline.listing import PathList, list_file_runs, list_files
 from pipeline.npy import open_npy_tree
 from pipeline.outputs import MANIFEST, is_attempt_folder, output_parts, read_manifest
 from pipeline.parquet import ParquetColumns, open_parquet
 from pipeline.rows import Chunk
-from pipeline.storage import Location, list_files, resolve
+from pipeline.storage import Location, resolve
 
 __all__ = [
     "READ_AS",
@@ -89,7 +90,7 @@ class OpenedSource:
     width: int
     rows: int
     """Rows (files for a tree) in the source, from listings and footers."""
-    items: list[dict[str, Any]]
+    items: Sequence[dict[str, Any]]
     """Units of work; each has ``index`` and ``rows``."""
     reader: Reader
     skipped: list[tuple[str, str]]
@@ -109,14 +110,14 @@ def _read_as(location: Location) -> dict[str, str]:
     return dict(read_manifest(location).get(READ_AS) or {})
 
 
-def _list(location: Location) -> tuple[Literal["npy", "parquet"], list[str]]:
+def _list(location: Location) -> tuple[Literal["npy", "parquet"], PathList]:
     """The one rule, and the files: a .parquet file, a folder of .parquet files, or a folder of
-    .npy files (sorted paths relative to the folder; one listing)."""
+    .npy files (sorted paths relative to the folder; one listing, held as a ``PathList``)."""
     if not location.exists():
         raise FileNotFoundError(f"No such file or directory: {location.uri} (the data path)")
     if location.is_file():
         if location.path.endswith(".parquet"):
-            return "parquet", [location.path]
+            return "parquet", PathList([location.path])
         raise DataValidationError(f"{location.uri}: expected a directory tree of .npy files or "
                                   "parquet data; a single file must be .parquet")
     complete = location.join(MANIFEST).exists()
@@ -124,25 +125,24 @@ def _list(location: Location) -> tuple[Literal["npy", "parquet"], list[str]]:
         manifest = read_manifest(location)
         if manifest.get("kind") == "npy":
             tree = location.join(manifest["tree"]) if manifest["tree"] != "." else location
-            return "npy", sorted(f"{tree.path}/{f}"[len(location.path) + 1:]
-                                 for f in list_files(tree, (".npy",)))
-        return "parquet", [part.path for part in output_parts(location)]
-    found = sorted(list_files(location, (".npy", ".parquet")))  # the one list of paths held
+            inside = f"{tree.path}/"[len(location.path) + 1:]  # the tree's folder, relative
+            return "npy", PathList(f"{inside}{f}" for f in list_files(tree, (".npy",)))
+        return "parquet", PathList(part.path for part in output_parts(location))
+    found = PathList(runs=list_file_runs(location, (".npy", ".parquet")))  # the one list held
     first = bisect.bisect_left(found, "parts-")  # sorted: an attempt's files are together
     if first < len(found) and is_attempt_folder(found[first].split("/", 1)[0]):
         raise FileNotFoundError(
             f"{location.uri} is an incomplete cvae output: it holds the parts of an attempt "
             f"({found[first].split('/', 1)[0]}) but no {MANIFEST} (the job that wrote it did not "
             "finish). Run that job again; it replaces them.")
-    parquet = sum(f.endswith(".parquet") for f in found)
+    parquet = found.count_endswith(".parquet")
     if parquet == 0:
         return "npy", found
     if parquet < len(found):
-        one = next(f for f in found if f.endswith(".npy"))
-        other = next(f for f in found if f.endswith(".parquet"))
+        one, other = found.first_endswith(".npy"), found.first_endswith(".parquet")
         raise DataValidationError(f"{location.uri} holds both .npy files ({one}) and .parquet "
                                   f"files ({other}); point the source at one kind of data")
-    return "parquet", [f"{location.path}/{f}" for f in found]
+    return "parquet", PathList(f"{location.path}/{f}" for f in found)
 
 
 def open_source(spec: SourceSpec, fs_options: dict[str, Any] | None = None) -> OpenedSource:
@@ -271,7 +271,7 @@ def read_source(source: SourceSpec | np.ndarray | OpenedSource, *,
                                                             get_if_exists=True).remote()
         if opened.skipped:
             ray.get(tally.add.remote(len(opened.skipped)))
-    items = ray.data.from_items(opened.items, override_num_blocks=max(1, min(len(opened.items), 256)))
+    items = ray.data.from_items(list(opened.items), override_num_blocks=max(1, min(len(opened.items), 256)))
     # An instance, not the class: plain tasks (actors would hold CPUs for the whole run).
     return _small_blocks(items.map_batches(_ReadItems(opened.reader, tally), batch_size=1,
                                            batch_format="numpy", num_cpus=READ_TASK_CPUS))

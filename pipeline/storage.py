@@ -21,20 +21,16 @@ uses its own credential chain, as pyarrow does.
 from __future__ import annotations
 
 import json
-import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from cvae_model.paths import is_uri, local_path
 
-__all__ = ["FS_OPTIONS_ENV", "Location", "list_files", "resolve"]
-
-logger = logging.getLogger("cvae.storage")
+__all__ = ["FS_OPTIONS_ENV", "Location", "resolve"]
 
 FS_OPTIONS_ENV = "CVAE_FS_OPTIONS"
 _FILESYSTEMS = {"s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSystem",
@@ -187,44 +183,3 @@ class Location:
         if not self.is_dir():
             return []
         return self.filesystem.get_file_info(pafs.FileSelector(self.path, recursive=False))
-
-
-def list_files(root: Location, suffixes: tuple[str, ...]) -> Iterator[str]:
-    """Paths (relative to ``root``, '/'-separated) of the files below it ending in ``suffixes``.
-
-    Names starting with '.' or '_' (temporaries, manifests) are skipped. On a local disk,
-    symlinked folders are followed (a link back into a folder already visited is skipped with a
-    warning naming it); object stores have no links.
-    """
-    if root.is_local:
-        yield from _walk_local(Path(root.path), suffixes)
-        return
-    selector = pafs.FileSelector(root.path, recursive=True)
-    prefix = len(root.path.rstrip("/")) + 1
-    for info in root.filesystem.get_file_info(selector):
-        rel = info.path[prefix:]
-        if (info.type == pafs.FileType.File and rel.endswith(suffixes)
-                and not any(part.startswith((".", "_")) for part in rel.split("/"))):
-            yield rel
-
-
-def _walk_local(root: Path, suffixes: tuple[str, ...]) -> Iterator[str]:
-    seen = {os.path.realpath(root)}
-    stack = [(root, "")]
-    while stack:
-        folder, rel = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith((".", "_")):
-                    continue
-                name = f"{rel}{entry.name}"
-                if entry.is_dir(follow_symlinks=True):
-                    real = os.path.realpath(entry.path)
-                    if real in seen:
-                        logger.warning("%s: a link to a folder already read (%s); skipped",
-                                       entry.path, real)
-                        continue
-                    seen.add(real)
-                    stack.append((Path(entry.path), f"{name}/"))
-                elif entry.name.endswith(suffixes) and entry.is_file(follow_symlinks=True):
-                    yield name
