@@ -10,13 +10,27 @@ import sys
 from conftest import REPO
 
 
-def test_importing_cvae_model_loads_neither_ray_nor_mlflow_nor_the_pipeline() -> None:
-    script = ("import sys, cvae_model; "
-              "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'pipeline'}))")
+def _top_level_modules_after(statement: str, among: set[str]) -> list[str]:
+    script = (f"import sys; {statement}; "
+              f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(among)!r})))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+    return eval(done.stdout.strip())  # a printed list of names
+
+
+def test_importing_cvae_model_loads_neither_ray_nor_mlflow_nor_the_pipeline() -> None:
+    loaded = _top_level_modules_after("from cvae_model import CompressionVAE, load",
+                                      {"ray", "mlflow", "pipeline", "torch"})
+    assert loaded == ["torch"]
+
+
+def test_a_ray_read_task_does_not_import_torch() -> None:
+    """What a Ray Data read task unpickles (``pipeline.sources`` and the readers) must not pull in
+    torch through ``cvae_model``: 3 s per new worker process, minutes on a loaded machine (a
+    read test timed out waiting for workers that were importing it)."""
+    assert _top_level_modules_after("import pipeline.sources, pipeline.npy, pipeline.parquet",
+                                    {"torch", "mlflow"}) == []
 
 
 def test_only_the_bridge_imports_the_pipeline() -> None:
