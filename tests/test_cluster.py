@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO
 from s3_helpers import S3, free_port, moto_server, s3, s3_env  # noqa: F401 - fixtures
 
 BIN = Path(sys.executable).parent
@@ -45,6 +46,32 @@ N = 400
 """Rows of the data sets (a tree of N .npy files and the same rows as parquet)."""
 STEPS = 600
 """Training steps: enough time after the first checkpoint to kill a trainer mid-run."""
+_SERVE = "--model models:/cluster-model@champion --num-actors 2 --no-progress"
+JOBS = {
+    "train": ("cvae train --data {bucket}/tree --storage-path {bucket}/ray --run-name cluster "
+              f"--num-workers 2 --placement-strategy SPREAD --num-steps {STEPS} --test-every 100 "
+              "--checkpoint-every 100 --no-lr-scheduling --cells-encoder 16,8 --iaf-flow-length 1 "
+              "--dim-latent 2 --save-model {bucket}/models/cluster --register-as cluster-model "
+              "--alias champion"),
+    "embed_table": ("cvae embed --data {bucket}/table --column x --id-column key "
+                    "--output {bucket}/z_table " + _SERVE),
+    "embed_tree": "cvae embed --data {bucket}/tree --output {bucket}/z_tree " + _SERVE,
+    "decode": "cvae decode --latents {bucket}/z_table --output {bucket}/x_table " + _SERVE,
+}
+"""The cvae commands the test submits, in the README's cluster section with ``s3://bucket``."""
+
+
+def _job(name: str, bucket: str) -> str:
+    return JOBS[name].format(bucket=bucket)
+
+
+def test_the_readme_shows_the_commands_this_test_submits() -> None:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    shown = re.sub(r"\s+", " ", section.replace("\\\n", " "))  # shell continuations joined
+    for name in JOBS:
+        assert _job(name, "s3://bucket") in shown, f"README's cluster section lacks {name}"
 
 
 @dataclass
@@ -285,11 +312,7 @@ def test_s3_only_jobs_on_a_cluster_whose_worker_node_cannot_see_the_heads_files(
 
     # What every job carries: where S3 is and its keys, and the tracking server. Nothing else.
     env_vars = {**s3_env(s3.endpoint), "MLFLOW_TRACKING_URI": cluster.mlflow}
-    train_cmd = (f"cvae train --data {s3.uri('tree')} --storage-path {s3.uri('ray')} "
-                 f"--run-name cluster --num-workers 2 --placement-strategy SPREAD "
-                 f"--num-steps {STEPS} --test-every 100 --checkpoint-every 100 --no-lr-scheduling "
-                 "--cells-encoder 16,8 --iaf-flow-length 1 --dim-latent 2 "
-                 f"--save-model {s3.uri('models/cluster')} --register-as cluster-model --alias champion")
+    train_cmd = _job("train", s3.uri())
     with open(cluster.logs / "train.log", "w") as out:
         train = subprocess.Popen(_submit(cluster, env_vars, train_cmd), env=cluster.client_env,
                                  stdout=out, stderr=subprocess.STDOUT, text=True)
@@ -313,19 +336,15 @@ def test_s3_only_jobs_on_a_cluster_whose_worker_node_cannot_see_the_heads_files(
 
     model = "models:/cluster-model@champion"
     before = {a["actor_id"] for a in cluster.state("actors")}
-    common = f"--model {model} --num-actors 2 --no-progress"
-    table = _run_job(cluster, env_vars, f"cvae embed --data {s3.uri('table')} --column x "
-                                        f"--id-column key --output {s3.uri('z_table')} {common}")
+    table = _run_job(cluster, env_vars, _job("embed_table", s3.uri()))
     phase("embed parquet")
     # The job's actors (whatever their class) ran on both nodes.
     embedders = [a for a in cluster.state("actors") if a["actor_id"] not in before
                  and a.get("class_name") != "JobSupervisor"]
     assert {a["node_id"] for a in embedders} == {head_node, worker_node}, embedders
-    tree = _run_job(cluster, env_vars, f"cvae embed --data {s3.uri('tree')} --output {s3.uri('z_tree')} "
-                                       f"{common}")
+    tree = _run_job(cluster, env_vars, _job("embed_tree", s3.uri()))
     phase("embed tree")
-    decoded = _run_job(cluster, env_vars, f"cvae decode --latents {s3.uri('z_table')} "
-                                          f"--output {s3.uri('x_table')} {common}")
+    decoded = _run_job(cluster, env_vars, _job("decode", s3.uri()))
     phase("decode")
     assert table["rows_out"] == tree["rows_out"] == decoded["rows"] == N
     assert table["model_version"] == "1"
