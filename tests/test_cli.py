@@ -12,6 +12,8 @@ from conftest import REPO
 
 from cvae_model.config import ModelConfig, TrainConfig
 from jobs.arguments import field_docs
+from jobs.pack import PackConfig
+from pipeline.decoding import DecodeConfig
 from pipeline.inference import EmbedConfig
 from pipeline.ray_training import DistributedConfig
 from pipeline.sources import SourceSpec
@@ -28,6 +30,8 @@ def _help(command: str) -> str:
 @pytest.mark.parametrize(("command", "configs", "skipped"), [
     ("train", (SourceSpec, ModelConfig, TrainConfig, DistributedConfig), {"dim_feature", "cells_hidden"}),
     ("embed", (SourceSpec, EmbedConfig), set()),
+    ("decode", (DecodeConfig,), set()),
+    ("pack", (PackConfig,), set()),
 ])
 def test_help_shows_every_field_with_its_description_and_default(
         command: str, configs: tuple[type, ...], skipped: set[str]) -> None:
