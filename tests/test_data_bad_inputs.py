@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import DataValidationError, raise_data_errors
-from pipeline.sources import SourceSpec, read_source
+from pipeline.sources import SourceSpec, open_source, read_source
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -259,3 +259,16 @@ def test_nonfinite_parquet_rows_skipped_on_request(ray_session: Any, tmp_path: P
     with raise_data_errors():
         kept = read_source(SourceSpec(str(tmp_path / "i.parquet"), column="x", on_error="skip")).take_all()
     assert [row["id"] for row in kept] == [0]
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_an_unreadable_parquet_file_is_named_even_when_skipping(tmp_path: Path, on_error: str) -> None:
+    """README, Limitations: ``--on-error skip`` skips bad rows and ``.npy`` files, but a parquet
+    file without a readable footer stops the job (its rows cannot even be counted), named."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    x = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ones((4, 3), np.float32))
+    pq.write_table(pa.table({"x": x}), folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"PAR1 then nothing a parquet reader understands")
+    with pytest.raises(DataValidationError, match=r"b\.parquet: not a readable parquet file"):
+        open_source(SourceSpec(str(folder), column="x", on_error=on_error))
