@@ -115,3 +115,31 @@ def test_packing_on_s3_and_what_is_refused(s3: S3, tmp_path: Path) -> None:
         pack_tree(PackConfig(s3.uri("packed"), s3.uri("again"), progress=False))
     with pytest.raises(ValueError, match=r"shard_mb must be > 0"):
         PackConfig(s3.uri("tree"), s3.uri("x"), shard_mb=0)
+
+
+def test_sigterm_leaves_no_output_and_no_temporary_folder(tmp_path: Path) -> None:
+    """README: SIGTERM is handled like Ctrl-C in every job; here ``cvae pack`` mid-write."""
+    import signal
+    import time
+
+    tree = tmp_path / "big"
+    row = io.BytesIO()
+    np.save(row, np.zeros(16, np.float32))
+    data = row.getvalue()
+    for folder in range(100):  # 100,000 files: seconds of packing at one thread
+        (tree / f"d{folder:03d}").mkdir(parents=True)
+        for i in range(1000):
+            (tree / f"d{folder:03d}" / f"{i:04d}.npy").write_bytes(data)
+    out = tmp_path / "packed"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "pack", "--data", str(tree),
+                             "--output", str(out), "--shard-mb", str(SHARD_MB), "--threads", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".packed.tmp-*/parts-*/*.parquet")):
+        time.sleep(0.02)
+    assert list(tmp_path.glob(".packed.tmp-*/parts-*/*.parquet")), "no part was written in time"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".packed")] == []
