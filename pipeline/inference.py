@@ -30,6 +30,7 @@ from cvae_model.validation import width_mismatch
 from pipeline.bulk import ActorPool, actor_resources, errors_parquet, record, write_part
 from pipeline.errors import DataValidationError, show_id
 from pipeline.model_uri import ResolvedModel, resolve_model
+from pipeline.npy import NpyItems
 from pipeline.outputs import ERRORS, CommittedOutput
 from pipeline.rows import Chunk
 from pipeline.runtime import ensure_ray
@@ -187,8 +188,8 @@ def read_ids(opened: OpenedSource) -> pa.ChunkedArray:
     import pyarrow.parquet as pq
 
     if opened.id_column is None:
-        if opened.kind == "npy":
-            return pa.chunked_array([pa.array(list(item["paths"])) for item in opened.items])
+        if isinstance(opened.items, NpyItems):
+            return opened.items.paths()
         return pa.chunked_array([pa.array(np.arange(opened.rows))])
     fs = opened.location.filesystem
     return pa.chunked_array([pq.read_table(f, columns=[opened.id_column], filesystem=fs)

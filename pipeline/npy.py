@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.errors import DataValidationError
+from pipeline.listing import PathList
 from pipeline.rows import Chunk, check_rows
 from pipeline.storage import Location
 
@@ -161,7 +163,7 @@ class NpyItems(Sequence[dict[str, Any]]):
     up to ``per_item`` relative paths) and ``rows``. A million paths stay in ``files`` (a
     ``PathList``) instead of becoming a million Python strings in a list of items."""
 
-    files: Sequence[str]
+    files: PathList
     start: int
     """Files before this position are not in any item (skipped while opening)."""
     per_item: int
@@ -184,13 +186,17 @@ class NpyItems(Sequence[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (self._item(index) for index in range(len(self)))
 
+    def paths(self) -> pa.ChunkedArray:
+        """Every item's paths in order, as Arrow strings (no Python string per path)."""
+        return self.files.arrow.slice(self.start)
+
 
 @dataclass(frozen=True)
 class NpyTree:
     """A listed tree: its files (sorted), the reader and the files that failed up front."""
 
     root: Location
-    files: Sequence[str]
+    files: PathList
     reader: NpyReader
     skipped: list[tuple[str, str]]
     """Files before the first readable one, in skip mode (they are in no item)."""
@@ -216,7 +222,7 @@ def _header(data: bytes, where: str) -> tuple[bytes, tuple[tuple[int, ...], np.d
     return data[:stream.tell()], (tuple(shape), np.dtype(dtype))
 
 
-def open_npy_tree(root: Location, files: Sequence[str], skip: bool = False) -> NpyTree:
+def open_npy_tree(root: Location, files: PathList, skip: bool = False) -> NpyTree:
     """Check the first of the tree's ``files`` (sorted relative paths; in skip mode: the first
     readable one) and hold the rest for ``items``."""
     if not files:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 
 # Before ray/mlflow are imported anywhere: nothing may reach the internet, and Ray Data resource
 # starvation must raise instead of hanging for 30 minutes. Token authentication is turned off for
@@ -28,6 +29,20 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for_first_part(folder: Path, output: str, seconds: float = 120) -> bool:
+    """Wait until a job writing ``folder/output`` has written a part into its hidden attempt
+    (``.OUTPUT.tmp-*/parts-*/*.parquet``); whether one appeared within ``seconds``."""
+    pattern = f".{output}.tmp-*/parts-*/*.parquet"
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if any(folder.glob(pattern)):
+            return True
+        time.sleep(0.02)
+    return any(folder.glob(pattern))
+
+
 SMALL_MODEL = {"dim_latent": 2, "iaf_flow_length": 2, "cells_encoder": [32, 16]}
 """A model that trains in about a second and exercises the flow."""
 

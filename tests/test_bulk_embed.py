@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for_first_part
 
 from cvae_model import CompressionVAE
 from jobs import embed as embed_job
@@ -169,10 +168,7 @@ def test_sigterm_leaves_no_temporary_output_and_ends_the_run(
                              str(out), "--batch-size", "64", "--num-actors", "1"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".z.tmp-*/parts-*/*.parquet")):
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".z.tmp-*/parts-*/*.parquet")), "the job wrote no part in time"
+    assert wait_for_first_part(tmp_path, "z"), "the job wrote no part in time"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -190,9 +186,7 @@ def test_a_killed_job_leaves_nothing_that_looks_complete_and_is_swept(
                              str(long_parquet), "--column", "x", "--id-column", "key", "--output",
                              str(out), "--batch-size", "64", "--no-track", "--quiet"], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".z.tmp-*/parts-*/*.parquet")):
-        time.sleep(0.05)
+    wait_for_first_part(tmp_path, "z")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists() and list(tmp_path.glob(".z.tmp-*"))  # only the hidden attempt

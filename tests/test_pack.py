@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for_first_part
 from s3_helpers import S3, moto_server, s3  # noqa: F401 - fixtures
 
 from jobs.pack import PackConfig, pack_tree
@@ -120,7 +120,6 @@ def test_packing_on_s3_and_what_is_refused(s3: S3, tmp_path: Path) -> None:
 def test_sigterm_leaves_no_output_and_no_temporary_folder(tmp_path: Path) -> None:
     """README: SIGTERM is handled like Ctrl-C in every job; here ``cvae pack`` mid-write."""
     import signal
-    import time
 
     tree = tmp_path / "big"
     row = io.BytesIO()
@@ -134,10 +133,7 @@ def test_sigterm_leaves_no_output_and_no_temporary_folder(tmp_path: Path) -> Non
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "pack", "--data", str(tree),
                              "--output", str(out), "--shard-mb", str(SHARD_MB), "--threads", "1"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".packed.tmp-*/parts-*/*.parquet")):
-        time.sleep(0.02)
-    assert list(tmp_path.glob(".packed.tmp-*/parts-*/*.parquet")), "no part was written in time"
+    assert wait_for_first_part(tmp_path, "packed"), "no part was written in time"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]
