@@ -14,10 +14,10 @@ them alike:
 The original CompressionVAE's (TensorFlow) steps/s are quoted from another run, on the same
 architecture, data and step count, for comparison: 2-D 115, 16-D 74, 64-D 21.
 
-Table 2 (batch 1024): samples/s of the training set-up beside the FLOP/s of torch matmuls of the
-model's own layer shapes at the same batch size (forward and both backward products), measured
-in the same run and alternated with it. Useful FLOPs count 2 per multiply-add that the model's
-math needs, per sample:
+Table 2 (batch 1024, or the ``--large-batch`` sizes): samples/s of the training set-up beside
+the FLOP/s of torch matmuls of the model's own layer shapes at the same batch size (forward and
+both backward products), measured in the same run and alternated with it. Useful FLOPs count 2
+per multiply-add that the model's math needs, per sample:
 
 * a dense layer ``in -> out``: ``in * out`` multiply-adds forward, the same again for the weight
   gradient and for the input gradient (none for the first encoder layer, whose input is data);
@@ -28,7 +28,13 @@ The matmul baseline runs the GEMMs of every layer's shapes: dense layers and the
 their full ``(in, out)`` (the GEMM that computes them), the block layer as its k
 ``(batch, h) @ (h, 2)`` products (one bmm).
 
+On a CUDA device (``--device cuda``) the same tables are measured there: model, batches, noise
+and the matmul baseline live on the GPU and every timing waits for the device
+(``torch.cuda.synchronize``). The original's quoted steps/s are CPU figures; the ratio against
+them is then a hardware comparison, not a like-for-like one.
+
     .venv/bin/python -m benchmarks.train_throughput [--steps 600] [--rounds 2] [--threads N]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -73,19 +79,23 @@ def layer_costs(model: VAE) -> tuple[int, list[tuple[str, tuple[int, ...], bool]
     return flops, layers
 
 
-def matmul_round(layers: list[tuple[str, tuple[int, ...], bool]],
-                 batch: int) -> tuple[Callable[[], None], int]:
+def matmul_round(layers: list[tuple[str, tuple[int, ...], bool]], batch: int,
+                 device: torch.device) -> tuple[Callable[[], None], int]:
     """A closure running every layer's GEMMs once, and the FLOPs it does."""
     work, flops = [], 0
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device)
+
     for kind, shape, input_grad in layers:
         if kind == "dense":
             i, o = shape
-            a, w, g = torch.randn(batch, i), torch.randn(i, o), torch.randn(batch, o)
+            a, w, g = randn(batch, i), randn(i, o), randn(batch, o)
             work += [(torch.mm, a, w), (torch.mm, a.T, g)] + ([(torch.mm, g, w.T)] if input_grad else [])
             flops += 2 * batch * i * o * (3 if input_grad else 2)
         else:
             k, h, c = shape
-            a, w, g = torch.randn(k, batch, h), torch.randn(k, h, c), torch.randn(k, batch, c)
+            a, w, g = randn(k, batch, h), randn(k, h, c), randn(k, batch, c)
             work += [(torch.bmm, a, w), (torch.bmm, a.transpose(1, 2), g), (torch.bmm, g, w.transpose(1, 2))]
             flops += 2 * k * batch * h * c * 3
 
@@ -98,9 +108,10 @@ def matmul_round(layers: list[tuple[str, tuple[int, ...], bool]],
 class Setup:
     """A model, optimizer and step function for one (k, batch, set-up)."""
 
-    def __init__(self, k: int, batch: int, setup: str, run_steps: int) -> None:
+    def __init__(self, k: int, batch: int, setup: str, run_steps: int,
+                 device: torch.device) -> None:
         torch.manual_seed(0)
-        self.model = VAE(ModelConfig(dim_feature=784, dim_latent=k))
+        self.model = VAE(ModelConfig(dim_feature=784, dim_latent=k)).to(device)
         config = TrainConfig(batch_size=batch, num_steps=run_steps)
         params = self.model.parameters()
         if setup == "Adam":
@@ -112,8 +123,8 @@ class Setup:
             self.optimizer = make_optimizer(self.model, config)
         self.module = (compile_for_training(self.model, config) if setup == "training"
                        else self.model)
-        self.batches = list(torch.randn(8, batch, 784))
-        self.generator = torch.Generator()
+        self.batches = list(torch.randn(8, batch, 784, device=device))
+        self.generator = torch.Generator(device=device)
         self.count = 0
         start = time.perf_counter()
         self.steps(3)  # warm-up: allocations, optimizer state, MKL, compilation
@@ -127,18 +138,26 @@ class Setup:
             self.count += 1
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing covers it (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], None]) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
-def batch64(steps: int, rounds: int, run_steps: int) -> None:
+def batch64(steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
     print(f"| k | original (TF) steps/s | {' | '.join(f'{s} steps/s' for s in SETUPS)} | "
           "training / original | compile s (first steps) |")
     print("|---|---|---|---|---|---|---|")
     for k in (2, 16, 64):
-        setups = {name: Setup(k, 64, name, run_steps) for name in SETUPS}
+        setups = {name: Setup(k, 64, name, run_steps, device) for name in SETUPS}
         rates: dict[str, list[float]] = {name: [] for name in SETUPS}
         for _ in range(rounds):
             for name, setup in setups.items():
@@ -151,21 +170,21 @@ def batch64(steps: int, rounds: int, run_steps: int) -> None:
         torch._dynamo.reset()  # drop the compiled graphs of this k before the next
 
 
-def batch1024(steps: int, rounds: int, run_steps: int) -> None:
+def large_batch(batch: int, steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
     print("| k | batch | samples/s | useful MFLOP/sample | model GFLOP/s "
           "| matmul GFLOP/s (same shapes) | fraction of matmul |")
     print("|---|---|---|---|---|---|---|")
     for k in (2, 64):
-        setup = Setup(k, 1024, "training", run_steps)
+        setup = Setup(k, batch, "training", run_steps, device)
         flops, layers = layer_costs(setup.model)
-        gemms, gemm_flops = matmul_round(layers, 1024)
+        gemms, gemm_flops = matmul_round(layers, batch, device)
         gemms()
         samples, peaks = [], []
         for _ in range(rounds):
-            samples.append(steps * 1024 / timed(lambda s=setup: s.steps(steps)))
+            samples.append(steps * batch / timed(lambda s=setup: s.steps(steps)))
             peaks.append(steps * gemm_flops / timed(lambda g=gemms: [g() for _ in range(steps)]))
         rate, peak = statistics.median(samples), statistics.median(peaks)
-        print(f"| {k} | 1024 | {rate:,.0f} | {flops / 1e6:.2f} | {rate * flops / 1e9:.1f} | "
+        print(f"| {k} | {batch} | {rate:,.0f} | {flops / 1e6:.2f} | {rate * flops / 1e9:.1f} | "
               f"{peak / 1e9:.1f} | {rate * flops / peak:.2f} |", flush=True)
         torch._dynamo.reset()
 
@@ -173,21 +192,29 @@ def batch1024(steps: int, rounds: int, run_steps: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600, help="steps per measurement at batch 64")
-    parser.add_argument("--steps-1024", type=int, default=60, help="steps per measurement at 1024")
+    parser.add_argument("--steps-large", type=int, default=60,
+                        help="steps per measurement at the large batch")
+    parser.add_argument("--large-batch", type=int, nargs="+", default=[1024],
+                        help="batch sizes of the samples/s-against-matmul table")
     parser.add_argument("--rounds", type=int, default=2, help="alternations; medians are shown")
     parser.add_argument("--run-steps", type=int, default=TrainConfig().num_steps,
                         help="the run length the compile hook is asked about (default: a "
                         "default training run)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, device {device} ({where}), {os.cpu_count()} CPUs, "
           f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at start")
     print()
-    batch64(args.steps, args.rounds, args.run_steps)
-    print()
-    batch1024(args.steps_1024, args.rounds, args.run_steps)
+    batch64(args.steps, args.rounds, args.run_steps, device)
+    for batch in args.large_batch:
+        print()
+        large_batch(batch, args.steps_large, args.rounds, args.run_steps, device)
     print(f"\nload average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end")
     return 0
 
