@@ -22,7 +22,8 @@ INITIALIZERS: tuple[str, ...] = get_args(Initializer)
 NEIGHBOUR_WEIGHT = 15.0
 """Default weight of the neighbour term, chosen by measurement (README, "Changed defaults"): on
 digits (2-D, seed 0) 10-NN accuracy rose with the weight up to 10-15 (0.82 at 0, 0.91 at 2, 0.94
-at 10-15) and stayed there to 80, while reconstruction was best around 5-15."""
+at 10-15) and stayed there to 80, while reconstruction was best around 5-15 (measured while P was
+computed on the z-scored rows; not re-tuned since P sees the data's units)."""
 
 
 def _check_int(owner: str, name: str, value: object, low: int) -> None:

@@ -105,7 +105,8 @@ def train_in_process(model: VAE, model_config: ModelConfig, normalizer: Normaliz
     callbacks = _LocalCallbacks(save, run, setup)
     model.train()
     try:
-        run_training(model, model, setup, batches, evaluate, config, callbacks)
+        run_training(model, model, setup, batches, evaluate, config, callbacks,
+                     feature_scale=normalizer.to_torch().scale)
     except KeyboardInterrupt:
         # As the original: Ctrl-C keeps the model; save it and hand it back usable.
         state.optimizer = setup.optimizer.state_dict()

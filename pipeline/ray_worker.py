@@ -229,4 +229,4 @@ def run_worker(cfg: WorkerConfig) -> None:
     callbacks = _WorkerCallbacks(cfg, model, normalizer, rank, history)
     model.train()
     run_training(model, module, setup, batches, evaluate, config, callbacks, rank=rank,
-                 world_batch_rows=per_worker * world, gather=gather)
+                 world_batch_rows=per_worker * world, gather=gather, feature_scale=norm.scale)

@@ -310,20 +310,28 @@ def test_cuda_matches_cpu(digits: torch.Tensor) -> None:
 TINY = ModelConfig(dim_feature=64, dim_latent=2, iaf_flow_length=2, cells_encoder=(16, 8))
 
 
-def test_the_step_objective_is_elbo_plus_weighted_kl_of_embed(digits: torch.Tensor) -> None:
-    """The wiring: the ELBO with the step's noise plus the weighted KL(P(x) || Q(scale *
-    embed(x))); the same gradient as the objective written out by hand."""
+@pytest.mark.parametrize("scaled", [False, True], ids=["rows-as-given", "feature-scale"])
+def test_the_step_objective_is_elbo_plus_weighted_kl_of_embed(digits: torch.Tensor,
+                                                              scaled: bool) -> None:
+    """The wiring: the ELBO with the step's noise plus the weighted KL(P(x * feature_scale) ||
+    Q(scale * embed(x))); the same gradient as the objective written out by hand."""
     x = digits[:40].float()
     eps = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     model = VAE(TINY)
     reference = VAE(TINY)
     reference.load_state_dict(model.state_dict())
-    term = NeighbourTerm(weight=3.0, perplexity=5.0, dof=1.0, scale=2.0)
+    # Uneven factors, so that scaled rows have other neighbours than the rows themselves.
+    feature_scale = torch.linspace(0.1, 6.0, 64) if scaled else None
+    term = NeighbourTerm(weight=3.0, perplexity=5.0, dof=1.0, scale=2.0,
+                         feature_scale=feature_scale)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights: compare grads
     result = train_step(model, optimizer, x, keep_prob=1.0, grad_clip_norm=1e9, eps=eps,
                         neighbours=term)
-    expected_kl = neighbour_kl(joint_affinities(x, 5.0), 2.0 * reference.embed(x), 1.0)
+    rows = x * feature_scale if scaled else x
+    if scaled:
+        assert not torch.allclose(joint_affinities(rows, 5.0), joint_affinities(x, 5.0), atol=1e-3)
+    expected_kl = neighbour_kl(joint_affinities(rows, 5.0), 2.0 * reference.embed(x), 1.0)
     expected = reference(x, 1.0, eps).loss + 3.0 * expected_kl
     expected.backward()
     assert result.applied and result.neighbour_kl == pytest.approx(float(expected_kl.detach()), rel=1e-5)
@@ -360,6 +368,9 @@ def test_weight_zero_is_the_original_objective_and_draws_the_batch_size() -> Non
     assert neighbour_term(on, 16).dof == 15.0  # type: ignore[union-attr]
     assert neighbour_term(on, 1).dof == 1.0  # type: ignore[union-attr]
     assert neighbour_term(TrainConfig(neighbour_weight=2.0, neighbour_dof=3.0), 2).dof == 3.0  # type: ignore[union-attr]
+    assert term.feature_scale is None
+    scale = torch.tensor([1.0, 2.0])
+    assert neighbour_term(on, 2, feature_scale=scale).feature_scale is scale  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("field", "value", "match"), [
