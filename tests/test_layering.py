@@ -3,6 +3,7 @@ pipeline's heavy dependencies, and reaches ``pipeline`` through ``cvae_model/bri
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -11,12 +12,12 @@ from conftest import REPO
 
 
 def _top_level_modules_after(statement: str, among: set[str]) -> list[str]:
-    script = (f"import sys; {statement}; "
-              f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(among)!r})))")
+    script = (f"import json, sys; {statement}; print(json.dumps(sorted("
+              f"{{m.split('.')[0] for m in sys.modules}} & set({sorted(among)!r}))))")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return eval(done.stdout.strip())  # a printed list of names
+    return json.loads(done.stdout)
 
 
 def test_importing_cvae_model_loads_neither_ray_nor_mlflow_nor_the_pipeline() -> None:
