@@ -80,9 +80,17 @@ def masked_linear_with_init(mask: Tensor, initializer: Initializer) -> MaskedLin
 
 class _BlockLinearFunction(torch.autograd.Function):
     """``out[g, n, j] = sum_i x[n, j, i] * weight[g, j, i] + bias[g, j]`` with a hand-written
-    backward: autograd's backward of the broadcast multiply-and-sum materializes three
-    (groups, n, blocks, block_in) products, this one a single (n, blocks, block_in) one per group
-    (measured 11% faster training steps at k = 64, and no slower at k = 2)."""
+    backward, in two formulations of the same sums:
+
+    * eager: the forward and the weight gradient as batched products over the blocks
+      (``(n, block_in) @ (block_in, groups)`` and ``(groups, n) @ (n, block_in)`` per block);
+    * under ``torch.compile``: broadcast multiply-and-sums, which inductor fuses into single
+      loops without their (groups, n, blocks, block_in) products.
+
+    Each is the faster one where it runs (k = 64, forward and backward, 64 / 512 rows: eager
+    0.32 / 2.4 ms against 0.41 / 6.0 ms for the broadcast form; compiled 0.30 / 1.9 ms against
+    0.52 / 2.6 ms for the batched products). The input gradient, ``groups`` terms per entry, is
+    a multiply-add per group in both."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
@@ -90,9 +98,12 @@ class _BlockLinearFunction(torch.autograd.Function):
         xb = x.reshape(-1, blocks, block_in)
         ctx.save_for_backward(xb, weight)
         ctx.input_shape = x.shape
-        out = (xb.unsqueeze(0) * weight.unsqueeze(1)).sum(-1) + bias.unsqueeze(1)
-        # Not a view for 2-D inputs, so callers may modify the output in place.
-        return out if x.dim() == 2 else out.view(groups, *x.shape[:-1], blocks)
+        if torch.compiler.is_compiling():
+            out = (xb.unsqueeze(0) * weight.unsqueeze(1)).sum(-1) + bias.unsqueeze(1)
+        else:  # (blocks, n, block_in) @ (blocks, block_in, groups) -> (blocks, n, groups)
+            out = torch.baddbmm(bias.t().unsqueeze(1), xb.transpose(0, 1),
+                                weight.permute(1, 2, 0)).permute(2, 1, 0)
+        return out.reshape(groups, *x.shape[:-1], blocks)
 
     @staticmethod
     @once_differentiable
@@ -105,9 +116,14 @@ class _BlockLinearFunction(torch.autograd.Function):
             grad_x = grad[0].unsqueeze(-1) * weight[0]
             for g in range(1, groups):
                 grad_x.addcmul_(grad[g].unsqueeze(-1), weight[g])
-            grad_x = grad_x.view(ctx.input_shape)
+            grad_x = grad_x.reshape(ctx.input_shape)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.stack([(grad[g].unsqueeze(-1) * xb).sum(0) for g in range(groups)])
+            if torch.compiler.is_compiling():
+                grad_weight = torch.stack([(grad[g].unsqueeze(-1) * xb).sum(0) for g in range(groups)])
+            else:  # (blocks, groups, n) @ (blocks, n, block_in), from contiguous copies: the
+                # strided views make the batched product slower than the copies cost
+                grad_weight = torch.bmm(grad.permute(2, 0, 1).contiguous(),
+                                        xb.transpose(0, 1).contiguous()).transpose(0, 1)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(1)
         return grad_x, grad_weight, grad_bias
