@@ -1,18 +1,26 @@
 """Training throughput: steps/s at batch 64 against the original, and samples/s against matmul.
 
-Table 1 (batch 64, latent sizes 2, 16 and 64, 784 features, default architecture): steps/s of
-``cvae_model.training.train_step`` over ``--steps`` (600) steps on in-memory batches, for
-three set-ups, alternated ``--rounds`` times (medians shown) so that a changing machine load hits
-them alike:
+Table 1 (batch 64, latent sizes 2, 16 and 64, 784 features, default architecture: cells from
+the original's rule, 5 IAF steps): steps/s of ``cvae_model.training.train_step`` over
+``--steps`` (600) steps on in-memory batches, for three set-ups, alternated ``--rounds`` times
+(medians shown) so that a changing machine load hits them alike:
 
-* ``Adam``: eager model, ``torch.optim.Adam`` with its default (foreach) implementation: what
-  training used before this benchmark's issue;
+* ``Adam``: eager model, ``torch.optim.Adam`` with its default (foreach) implementation;
 * ``fused Adam``: eager model, ``torch.optim.Adam(fused=True)``;
-* ``training``: what the training loop runs now: ``make_optimizer`` and the loop's compile hook
+* ``training``: what the training loop runs: ``make_optimizer`` and the loop's compile hook
   (``cvae_model.training.compile_for_training``, asked for a run of ``--run-steps`` steps).
 
-The original CompressionVAE's (TensorFlow) steps/s are quoted from another run, on the same
-architecture, data and step count, for comparison: 2-D 115, 16-D 74, 64-D 21.
+The process keeps freed memory as the training loop does (``cvae_model.allocator``) unless
+``--glibc-malloc-defaults`` is given; that setting is process-wide, so it holds for all three.
+
+The original CompressionVAE (TensorFlow) is measured in the same run when
+``--original-python PY --original-repo DIR`` are given (a Python with TensorFlow 2.x and a
+checkout of https://github.com/maxfrenzel/CompressionVAE; see benchmarks/README.md):
+``benchmarks/original_steps.py`` builds its own default model in a child process, whose steps
+are alternated with ours, in two modes: ``queue``, its training op fed by its own reader thread
+(how the original trains), and ``fed``, the same op with the batch fed directly (its compute
+alone: the stronger baseline). Without them the original's steps/s are quoted from another run
+(2-D 115, 16-D 74, 64-D 21), and the table says so.
 
 Table 2 (batch 1024, or the ``--large-batch`` sizes): samples/s of the training set-up beside
 the FLOP/s of torch matmuls of the model's own layer shapes at the same batch size (forward and
@@ -30,11 +38,11 @@ their full ``(in, out)`` (the GEMM that computes them), the block layer as its k
 
 On a CUDA device (``--device cuda``) the same tables are measured there: model, batches, noise
 and the matmul baseline live on the GPU and every timing waits for the device
-(``torch.cuda.synchronize``). The original's quoted steps/s are CPU figures; the ratio against
+(``torch.cuda.synchronize``). The original's steps/s are CPU figures; the ratio against
 them is then a hardware comparison, not a like-for-like one.
 
     .venv/bin/python -m benchmarks.train_throughput [--steps 600] [--rounds 2] [--threads N]
-        [--device cuda]
+        [--device cuda] [--original-python PY --original-repo DIR]
 """
 
 from __future__ import annotations
@@ -42,20 +50,69 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from cvae_model.allocator import keep_freed_memory
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.layers import BlockLinear, MaskedLinear
 from cvae_model.training import ADAM_EPS, compile_for_training, make_optimizer, train_step
 from cvae_model.vae import VAE
 
 ORIGINAL_STEPS_PER_S = {2: 115.0, 16: 74.0, 64: 21.0}
-"""The original CompressionVAE (TensorFlow), batch 64, 600 steps; quoted from another run."""
+"""The original CompressionVAE (TensorFlow), batch 64, 600 steps; quoted from another run
+(issue 13's, at 50127e3), used when the original is not measured here."""
 SETUPS = ("Adam", "fused Adam", "training")
+ORIGINAL_MODES = ("queue", "fed")
+ORIGINAL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "original_steps.py")
+
+
+class Original:
+    """The original CompressionVAE's training op in a child process (``original_steps.py``)."""
+
+    def __init__(self, python: str, repo: str, k: int) -> None:
+        self.log = tempfile.TemporaryFile(mode="w+")  # its stderr: prints, the model it built
+        start = time.perf_counter()
+        self.process = subprocess.Popen([python, ORIGINAL_SCRIPT, repo, str(k)], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log)
+        if self._reply() != "ready":
+            raise RuntimeError(f"original_steps.py did not start:\n{self._log_text()}")
+        self.warmup = time.perf_counter() - start
+        self.built = next((line for line in self._log_text().splitlines()
+                           if line.startswith("original:")), "original: (no description)")
+
+    def _reply(self) -> str:
+        assert self.process.stdout is not None
+        return self.process.stdout.readline().strip()
+
+    def _log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def steps(self, mode: str, n: int) -> float:
+        """Seconds of n training steps in ``mode`` (queue or fed)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{mode} {n}\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        try:
+            return float(reply)
+        except ValueError:
+            raise RuntimeError(f"original_steps.py answered {reply!r}:\n{self._log_text()}") from None
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.log.close()
 
 
 def layer_costs(model: VAE) -> tuple[int, list[tuple[str, tuple[int, ...], bool]]]:
@@ -152,22 +209,50 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def batch64(steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
-    print(f"| k | original (TF) steps/s | {' | '.join(f'{s} steps/s' for s in SETUPS)} | "
-          "training / original | compile s (first steps) |")
-    print("|---|---|---|---|---|---|---|")
-    for k in (2, 16, 64):
+def batch64(steps: int, rounds: int, run_steps: int, device: torch.device,
+            original: tuple[str, str] | None, latents: list[int]) -> None:
+    if original is None:
+        print("The original's steps/s are quoted from another run (issue 13, at 50127e3), not "
+              "measured here.\n")
+        print(f"| k | original (TF, quoted) steps/s | {' | '.join(f'{s} steps/s' for s in SETUPS)} | "
+              "training / original | compile s (first steps) |")
+        print("|---|---|---|---|---|---|---|")
+    else:
+        print(f"| k | original queue steps/s | original fed steps/s | "
+              f"{' | '.join(f'{s} steps/s' for s in SETUPS)} | training / queue | "
+              "training / fed | compile s (first steps) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+    built = []
+    for k in latents:
+        theirs = Original(*original, k) if original is not None else None
         setups = {name: Setup(k, 64, name, run_steps, device) for name in SETUPS}
-        rates: dict[str, list[float]] = {name: [] for name in SETUPS}
+        rates: dict[str, list[float]] = {name: [] for name in (*ORIGINAL_MODES, *SETUPS)}
         for _ in range(rounds):
             for name, setup in setups.items():
                 rates[name].append(steps / timed(lambda s=setup: s.steps(steps)))
-        median = {name: statistics.median(r) for name, r in rates.items()}
-        original = ORIGINAL_STEPS_PER_S[k]
-        print(f"| {k} | {original:.0f} | "
-              f"{' | '.join(f'{median[name]:,.1f}' for name in SETUPS)} | "
-              f"{median['training'] / original:.2f} | {setups['training'].warmup:.1f} |", flush=True)
+                if theirs is not None and name in ("Adam", "training"):  # theirs between ours
+                    mode = ORIGINAL_MODES[name == "training"]
+                    rates[mode].append(steps / theirs.steps(mode, steps))
+                    if mode == "queue":
+                        time.sleep(1)  # its reader thread refills the queue: not in our timings
+        median = {name: statistics.median(r) for name, r in rates.items() if r}
+        ours = f"{' | '.join(f'{median[name]:,.1f}' for name in SETUPS)}"
+        warmup = setups["training"].warmup
+        if theirs is None:
+            quoted = ORIGINAL_STEPS_PER_S[k]
+            print(f"| {k} | {quoted:.0f} | {ours} | {median['training'] / quoted:.2f} | "
+                  f"{warmup:.1f} |", flush=True)
+        else:
+            queue, fed = median["queue"], median["fed"]
+            print(f"| {k} | {queue:,.1f} | {fed:,.1f} | {ours} | {median['training'] / queue:.2f} | "
+                  f"{median['training'] / fed:.2f} | {warmup:.1f} |", flush=True)
+            built.append(theirs.built)
+            theirs.close()
         torch._dynamo.reset()  # drop the compiled graphs of this k before the next
+    for line in built:
+        print(f"\n{line}", end="")
+    if built:
+        print()
 
 
 def large_batch(batch: int, steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
@@ -194,24 +279,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="steps per measurement at batch 64")
     parser.add_argument("--steps-large", type=int, default=60,
                         help="steps per measurement at the large batch")
-    parser.add_argument("--large-batch", type=int, nargs="+", default=[1024],
+    parser.add_argument("--large-batch", type=int, nargs="*", default=[1024],
                         help="batch sizes of the samples/s-against-matmul table")
     parser.add_argument("--rounds", type=int, default=2, help="alternations; medians are shown")
     parser.add_argument("--run-steps", type=int, default=TrainConfig().num_steps,
                         help="the run length the compile hook is asked about (default: a "
                         "default training run)")
+    parser.add_argument("--latent", type=int, nargs="+", default=[2, 16, 64],
+                        help="latent sizes of the batch-64 table")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
+    parser.add_argument("--original-python", help="a Python with TensorFlow 2.x, to measure "
+                        "the original CompressionVAE beside ours (with --original-repo)")
+    parser.add_argument("--original-repo", help="a checkout of maxfrenzel/CompressionVAE")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="leave glibc's malloc settings alone (training changes them)")
     args = parser.parse_args(argv)
+    if (args.original_python is None) != (args.original_repo is None):
+        parser.error("--original-python and --original-repo go together")
+    original = (args.original_python, args.original_repo) if args.original_python else None
+    tuned = False if args.glibc_malloc_defaults else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, device {device} ({where}), {os.cpu_count()} CPUs, "
-          f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at start")
+          f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at start, "
+          f"malloc {'tuned as training does' if tuned else 'glibc defaults'}, "
+          f"python {sys.version.split()[0]}")
     print()
-    batch64(args.steps, args.rounds, args.run_steps, device)
+    batch64(args.steps, args.rounds, args.run_steps, device, original, args.latent)
     for batch in args.large_batch:
         print()
         large_batch(batch, args.steps_large, args.rounds, args.run_steps, device)
