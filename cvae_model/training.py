@@ -261,9 +261,13 @@ def setup_training(model: VAE, config: TrainConfig, saved: TrainState | None,
 
 
 def _vae_of(module: nn.Module) -> VAE:
-    """The VAE inside ``module`` (itself, or wrapped by DDP or the compile hook)."""
+    """The VAE inside ``module``: itself, or wrapped by DDP, the compile hook or torch.compile."""
     while not isinstance(module, VAE):
-        module = module.module  # type: ignore[assignment]
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"train_step trains a VAE, bare or wrapped by DDP or torch.compile; "
+                            f"got {type(module).__name__}")
+        module = inner
     return module
 
 

@@ -55,6 +55,20 @@ def test_a_step_without_dropout_draws_the_noise_the_model_would() -> None:
     assert result.loss == float(expected.detach())
 
 
+def test_a_step_takes_a_vae_however_it_is_wrapped() -> None:
+    """train_step finds the VAE's latent size through DDP, the compile hook or torch.compile
+    (it draws the noise itself), and names what it got when there is none."""
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(dim_feature=10, dim_latent=3, iaf_flow_length=1, cells_encoder=(8,)))
+    optimizer = make_optimizer(model, TrainConfig())
+    wrapped = torch.compile(model, backend="eager")  # an OptimizedModule: the VAE is _orig_mod
+    result = train_step(wrapped, optimizer, torch.randn(4, 10), keep_prob=1.0, grad_clip_norm=1.0)
+    assert result.applied
+    with pytest.raises(TypeError, match="trains a VAE.*got Linear"):
+        train_step(torch.nn.Linear(10, 3), optimizer, torch.randn(4, 10), keep_prob=1.0,
+                   grad_clip_norm=1.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 7])
 def test_block_linear_compiled_equals_eager(rows: int) -> None:
