@@ -2,8 +2,8 @@
 
 Table 1 (batch 64, latent sizes 2, 16 and 64, 784 features, default architecture: cells from
 the original's rule, 5 IAF steps): steps/s of ``cvae_model.training.train_step`` over
-``--steps`` (600) steps on in-memory batches, for three set-ups, alternated ``--rounds`` times
-(medians shown) so that a changing machine load hits them alike:
+``--steps`` (100) steps on in-memory batches, for three set-ups, alternated ``--rounds`` (15)
+times (medians shown) so that a changing machine load hits them alike:
 
 * ``Adam``: eager model, ``torch.optim.Adam`` with its default (foreach) implementation;
 * ``fused Adam``: eager model, ``torch.optim.Adam(fused=True)``;
@@ -41,7 +41,7 @@ and the matmul baseline live on the GPU and every timing waits for the device
 (``torch.cuda.synchronize``). The original's steps/s are CPU figures; the ratio against
 them is then a hardware comparison, not a like-for-like one.
 
-    .venv/bin/python -m benchmarks.train_throughput [--steps 600] [--rounds 2] [--threads N]
+    .venv/bin/python -m benchmarks.train_throughput [--steps 100] [--rounds 15] [--threads N]
         [--device cuda] [--original-python PY --original-repo DIR]
 """
 
@@ -209,8 +209,18 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def spread(values: list[float]) -> str:
+    """Median and quartiles, e.g. '2.31 (2.20-2.45)'."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{q2:.2f} ({q1:.2f}-{q3:.2f})"
+
+
 def batch64(steps: int, rounds: int, run_steps: int, device: torch.device,
             original: tuple[str, str] | None, latents: list[int]) -> None:
+    """Table 1. Each round measures every set-up once, back to back, in the order: the
+    original queue-fed, Adam, fused Adam, training, the original fed. This machine's speed
+    drifts by 20-40 % within tens of seconds, so the ratios are taken per round, between
+    measurements seconds apart, and their median (quartiles in brackets) is shown."""
     if original is None:
         print("The original's steps/s are quoted from another run (issue 13, at 50127e3), not "
               "measured here.\n")
@@ -228,13 +238,13 @@ def batch64(steps: int, rounds: int, run_steps: int, device: torch.device,
         setups = {name: Setup(k, 64, name, run_steps, device) for name in SETUPS}
         rates: dict[str, list[float]] = {name: [] for name in (*ORIGINAL_MODES, *SETUPS)}
         for _ in range(rounds):
+            if theirs is not None:
+                rates["queue"].append(steps / theirs.steps("queue", steps))
+                time.sleep(0.3)  # its reader thread refills the queue: not in our timings
             for name, setup in setups.items():
                 rates[name].append(steps / timed(lambda s=setup: s.steps(steps)))
-                if theirs is not None and name in ("Adam", "training"):  # theirs between ours
-                    mode = ORIGINAL_MODES[name == "training"]
-                    rates[mode].append(steps / theirs.steps(mode, steps))
-                    if mode == "queue":
-                        time.sleep(1)  # its reader thread refills the queue: not in our timings
+            if theirs is not None:
+                rates["fed"].append(steps / theirs.steps("fed", steps))
         median = {name: statistics.median(r) for name, r in rates.items() if r}
         ours = f"{' | '.join(f'{median[name]:,.1f}' for name in SETUPS)}"
         warmup = setups["training"].warmup
@@ -243,9 +253,11 @@ def batch64(steps: int, rounds: int, run_steps: int, device: torch.device,
             print(f"| {k} | {quoted:.0f} | {ours} | {median['training'] / quoted:.2f} | "
                   f"{warmup:.1f} |", flush=True)
         else:
-            queue, fed = median["queue"], median["fed"]
-            print(f"| {k} | {queue:,.1f} | {fed:,.1f} | {ours} | {median['training'] / queue:.2f} | "
-                  f"{median['training'] / fed:.2f} | {warmup:.1f} |", flush=True)
+            per_round = {mode: [t / o for t, o in zip(rates["training"], rates[mode], strict=True)]
+                         for mode in ORIGINAL_MODES}
+            print(f"| {k} | {median['queue']:,.1f} | {median['fed']:,.1f} | {ours} | "
+                  f"{spread(per_round['queue'])} | {spread(per_round['fed'])} | {warmup:.1f} |",
+                  flush=True)
             built.append(theirs.built)
             theirs.close()
         torch._dynamo.reset()  # drop the compiled graphs of this k before the next
@@ -256,6 +268,8 @@ def batch64(steps: int, rounds: int, run_steps: int, device: torch.device,
 
 
 def large_batch(batch: int, steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
+    """Table 2; the fraction of the matmul rate is taken per round (training, then the GEMMs,
+    back to back), its median and quartiles shown."""
     print("| k | batch | samples/s | useful MFLOP/sample | model GFLOP/s "
           "| matmul GFLOP/s (same shapes) | fraction of matmul |")
     print("|---|---|---|---|---|---|---|")
@@ -269,19 +283,22 @@ def large_batch(batch: int, steps: int, rounds: int, run_steps: int, device: tor
             samples.append(steps * batch / timed(lambda s=setup: s.steps(steps)))
             peaks.append(steps * gemm_flops / timed(lambda g=gemms: [g() for _ in range(steps)]))
         rate, peak = statistics.median(samples), statistics.median(peaks)
+        fractions = [r * flops / p for r, p in zip(samples, peaks, strict=True)]
         print(f"| {k} | {batch} | {rate:,.0f} | {flops / 1e6:.2f} | {rate * flops / 1e9:.1f} | "
-              f"{peak / 1e9:.1f} | {rate * flops / peak:.2f} |", flush=True)
+              f"{peak / 1e9:.1f} | {spread(fractions)} |", flush=True)
         torch._dynamo.reset()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600, help="steps per measurement at batch 64")
-    parser.add_argument("--steps-large", type=int, default=60,
+    parser.add_argument("--steps", type=int, default=100, help="steps per measurement at batch 64")
+    parser.add_argument("--steps-large", type=int, default=20,
                         help="steps per measurement at the large batch")
+    parser.add_argument("--rounds-large", type=int, default=7,
+                        help="alternations at the large batch")
     parser.add_argument("--large-batch", type=int, nargs="*", default=[1024],
                         help="batch sizes of the samples/s-against-matmul table")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations; medians are shown")
+    parser.add_argument("--rounds", type=int, default=15, help="alternations; medians are shown")
     parser.add_argument("--run-steps", type=int, default=TrainConfig().num_steps,
                         help="the run length the compile hook is asked about (default: a "
                         "default training run)")
@@ -312,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     batch64(args.steps, args.rounds, args.run_steps, device, original, args.latent)
     for batch in args.large_batch:
         print()
-        large_batch(batch, args.steps_large, args.rounds, args.run_steps, device)
+        large_batch(batch, args.steps_large, args.rounds_large, args.run_steps, device)
     print(f"\nload average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end")
     return 0
 
