@@ -4,10 +4,11 @@ A training step frees and allocates the same tensors every step: activations, gr
 optimizer sets them to None), temporaries of a few hundred KB to tens of MB. glibc serves
 blocks above its mmap threshold with fresh ``mmap`` pages and returns the top of the heap to
 the kernel once more than its trim threshold is free there, so each step page-faults its
-tensors in again: 1,800 minor faults per step at dim_latent=64, batch 64, 10-14 % of the time
-in the kernel, 25 against 33 steps/s with the settings below (benchmarks/README.md). PyTorch's
-CPU tuning guide recommends jemalloc or tcmalloc for the same reason; these two settings are
-the part of that which glibc itself offers.
+tensors in again. Measured at dim_latent=64 on 2 cores (``benchmarks/malloc_effect.py``):
+600-2,900 minor faults per step at 64 rows and 12,000-22,000 at 512; with the settings below
+10-30 and a few hundred, and 5-10 % more steps/s at 64 rows, 10-20 % at 512. PyTorch's CPU tuning guide
+recommends jemalloc or tcmalloc for the same reason; these two settings are the part of that
+which glibc itself offers.
 
 The settings are process-wide and last: freed memory up to ``TRIM_THRESHOLD`` stays with the
 process instead of going back to the kernel. ``CVAE_MALLOC_TUNING=0`` leaves malloc alone.

@@ -87,10 +87,11 @@ class _BlockLinearFunction(torch.autograd.Function):
     * under ``torch.compile``: broadcast multiply-and-sums, which inductor fuses into single
       loops without their (groups, n, blocks, block_in) products.
 
-    Each is the faster one where it runs (k = 64, forward and backward, 64 / 512 rows: eager
-    0.32 / 2.4 ms against 0.41 / 6.0 ms for the broadcast form; compiled 0.30 / 1.9 ms against
-    0.52 / 2.6 ms for the batched products). The input gradient, ``groups`` terms per entry, is
-    a multiply-add per group in both."""
+    Each is the faster one where it runs (k = 64, forward and backward, 64 / 512 rows, one run:
+    eager 0.32 / 2.4 ms against 0.41 / 6.0 ms for the broadcast form; compiled 0.30 / 1.9 ms
+    against 0.52 / 2.6 ms for the batched products; other runs moved the eager gain at 512 rows
+    between 1.3x and 3.5x). The input gradient, ``groups`` terms per entry, is a multiply-add
+    per group in both."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
