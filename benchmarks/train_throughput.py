@@ -22,7 +22,11 @@ are alternated with ours, in two modes: ``queue``, its training op fed by its ow
 alone: the stronger baseline). Without them the original's steps/s are quoted from another run
 (2-D 115, 16-D 74, 64-D 21), and the table says so.
 
-Table 2 (batch 1024, or the ``--large-batch`` sizes): samples/s of the training set-up beside
+Table 2 (batch 64): the training set-up's step beside the matmuls of the model's layer shapes
+alone and fused Adam alone over its parameters, measured back to back: what this model, computed
+as it is (the masked IAF layer as its full product), pays at least on this machine.
+
+Table 3 (batch 1024, or the ``--large-batch`` sizes): samples/s of the training set-up beside
 the FLOP/s of torch matmuls of the model's own layer shapes at the same batch size (forward and
 both backward products), measured in the same run and alternated with it. Useful FLOPs count 2
 per multiply-add that the model's math needs, per sample:
@@ -268,7 +272,7 @@ def batch64(steps: int, rounds: int, run_steps: int, device: torch.device,
 
 
 def large_batch(batch: int, steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
-    """Table 2; the fraction of the matmul rate is taken per round (training, then the GEMMs,
+    """Table 3; the fraction of the matmul rate is taken per round (training, then the GEMMs,
     back to back), its median and quartiles shown."""
     print("| k | batch | samples/s | useful MFLOP/sample | model GFLOP/s "
           "| matmul GFLOP/s (same shapes) | fraction of matmul |")
@@ -286,6 +290,31 @@ def large_batch(batch: int, steps: int, rounds: int, run_steps: int, device: tor
         fractions = [r * flops / p for r, p in zip(samples, peaks, strict=True)]
         print(f"| {k} | {batch} | {rate:,.0f} | {flops / 1e6:.2f} | {rate * flops / 1e9:.1f} | "
               f"{peak / 1e9:.1f} | {spread(fractions)} |", flush=True)
+        torch._dynamo.reset()
+
+
+def floor(latents: list[int], steps: int, rounds: int, run_steps: int, device: torch.device) -> None:
+    """Table 2 (batch 64): the training step beside what it cannot avoid as it is computed,
+    measured back to back in each round: the matmuls of its layer shapes (the masked IAF layer
+    at its full GEMM) and fused Adam over its parameters."""
+    print("| k | training step ms | its matmuls alone ms (GFLOP/s) | fused Adam alone ms "
+          "| matmuls + Adam ms | steps/s at that floor |")
+    print("|---|---|---|---|---|---|")
+    for k in latents:
+        setup = Setup(k, 64, "training", run_steps, device)
+        _, layers = layer_costs(setup.model)
+        gemms, gemm_flops = matmul_round(layers, 64, device)
+        optimizer = make_optimizer(setup.model, TrainConfig())
+        for p in setup.model.parameters():
+            p.grad = torch.zeros_like(p)  # zero gradients: Adam's arithmetic, not the model's
+        times: dict[str, list[float]] = {"step": [], "gemms": [], "adam": []}
+        for _ in range(rounds):
+            times["step"].append(timed(lambda s=setup: s.steps(steps)) / steps)
+            times["gemms"].append(timed(lambda g=gemms: [g() for _ in range(steps)]) / steps)
+            times["adam"].append(timed(lambda o=optimizer: [o.step() for _ in range(steps)]) / steps)
+        step, matmuls, adam = (statistics.median(times[name]) * 1e3 for name in times)
+        print(f"| {k} | {step:.2f} | {matmuls:.2f} ({gemm_flops / matmuls / 1e6:.0f}) | {adam:.2f} | "
+              f"{matmuls + adam:.2f} | {1e3 / (matmuls + adam):,.0f} |", flush=True)
         torch._dynamo.reset()
 
 
@@ -327,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
           f"python {sys.version.split()[0]}")
     print()
     batch64(args.steps, args.rounds, args.run_steps, device, original, args.latent)
+    print()
+    floor(args.latent, 50, 7, args.run_steps, device)
     for batch in args.large_batch:
         print()
         large_batch(batch, args.steps_large, args.rounds_large, args.run_steps, device)
