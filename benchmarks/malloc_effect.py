@@ -2,9 +2,9 @@
 
 glibc's malloc settings are process-wide, so each setting runs in a fresh process
 (``CVAE_MALLOC_TUNING=1`` or ``0``), alternated ``--repeats`` times. Each process builds the
-default 784 -> k model with fused Adam, runs 3 warm-up steps, then 5 measurements of ``--steps``
-eager ``train_step``s, and reports the median steps/s and the minor page faults per step
-(``getrusage``).
+default 784 -> k model with fused Adam, runs 3 warm-up steps, then 5 measurements of at least a
+second of eager ``train_step``s each, and reports the median steps/s, the minor page faults per
+step and the share of its CPU time spent in the kernel (``getrusage``).
 
     .venv/bin/python -m benchmarks.malloc_effect [--latent 64] [--rows 64 512] [--repeats 3]
 """
@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 
-def child(k: int, rows: int, steps: int) -> None:
+def child(k: int, rows: int) -> None:
     import resource
     import statistics
     import time
@@ -38,22 +39,27 @@ def child(k: int, rows: int, steps: int) -> None:
     generator = torch.Generator()
     count = 0
 
-    def run(n: int) -> None:
+    def step() -> None:
         nonlocal count
-        for _ in range(n):
-            train_step(model, optimizer, batches[count % 8], keep_prob=1.0, grad_clip_norm=100.0,
-                       generator=generator.manual_seed(count))
-            count += 1
+        train_step(model, optimizer, batches[count % 8], keep_prob=1.0, grad_clip_norm=100.0,
+                   generator=generator.manual_seed(count))
+        count += 1
 
-    run(3)
+    for _ in range(3):
+        step()
     rates = []
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before, first = resource.getrusage(resource.RUSAGE_SELF), count
     for _ in range(5):
-        start = time.perf_counter()
-        run(steps)
-        rates.append(steps / (time.perf_counter() - start))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (5 * steps)
-    print(json.dumps({"tuned": tuned, "steps_per_s": statistics.median(rates), "faults": faults}))
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < 1.0:
+            step()
+            n += 1
+        rates.append(n / (time.perf_counter() - start))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(json.dumps({"tuned": tuned, "steps_per_s": statistics.median(rates),
+                      "faults": (after.ru_minflt - before.ru_minflt) / (count - first),
+                      "kernel": (after.ru_stime - before.ru_stime) / cpu}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,33 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 512], help="rows per step")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
         return 0
     print(f"dim_latent {args.latent}, 784 features, eager steps with fused Adam, "
           f"{os.cpu_count()} CPUs; each setting a fresh process, alternated {args.repeats} times\n")
-    print("| rows per step | kept memory: steps/s | faults/step | glibc defaults: steps/s "
-          "| faults/step | kept / defaults (median) |")
-    print("|---|---|---|---|---|---|")
+    print("| rows per step | kept memory: steps/s | faults/step | kernel CPU share "
+          "| glibc defaults: steps/s | faults/step | kernel CPU share | kept / defaults (medians) |")
+    print("|---|---|---|---|---|---|---|---|")
     for rows in args.rows:
-        steps = max(2, 1280 // rows)  # about a second of steps at 64-D
         runs: dict[str, list[dict[str, float]]] = {"1": [], "0": []}
         for _ in range(args.repeats):
             for setting in runs:
                 out = subprocess.run(
                     [sys.executable, "-m", "benchmarks.malloc_effect", "--child", str(args.latent),
-                     str(rows), str(steps)], env={**os.environ, "CVAE_MALLOC_TUNING": setting},
+                     str(rows)], env={**os.environ, "CVAE_MALLOC_TUNING": setting},
                     check=True, capture_output=True, text=True).stdout
                 runs[setting].append(json.loads(out.strip().splitlines()[-1]))
         cells = []
         for setting in ("1", "0"):
-            rates = ", ".join(f"{r['steps_per_s']:.1f}" for r in runs[setting])
             faults = sorted(r["faults"] for r in runs[setting])
-            cells += [rates, f"{faults[0]:,.0f}-{faults[-1]:,.0f}"]
-        kept = sorted(r["steps_per_s"] for r in runs["1"])[args.repeats // 2]
-        default = sorted(r["steps_per_s"] for r in runs["0"])[args.repeats // 2]
+            kernel = sorted(r["kernel"] for r in runs[setting])
+            cells += [", ".join(f"{r['steps_per_s']:.1f}" for r in runs[setting]),
+                      f"{faults[0]:,.0f}-{faults[-1]:,.0f}",
+                      f"{kernel[0]:.0%}-{kernel[-1]:.0%}"]
+        kept, default = (statistics.median(r["steps_per_s"] for r in runs[key]) for key in ("1", "0"))
         print(f"| {rows} | {' | '.join(cells)} | {kept / default:.2f} |", flush=True)
     return 0
 

@@ -8,7 +8,7 @@ times (medians shown) so that a changing machine load hits them alike:
 * ``Adam``: eager model, ``torch.optim.Adam`` with its default (foreach) implementation;
 * ``fused Adam``: eager model, ``torch.optim.Adam(fused=True)``;
 * ``training``: what the training loop runs: ``make_optimizer`` and the loop's compile hook
-  (``cvae_model.training.compile_for_training``, asked for a run of ``--run-steps`` steps).
+  (``cvae_model.compiling.compile_for_training``, asked for a run of ``--run-steps`` steps).
 
 The process keeps freed memory as the training loop does (``cvae_model.allocator``) unless
 ``--glibc-malloc-defaults`` is given; that setting is process-wide, so it holds for all three.
@@ -64,9 +64,10 @@ import torch
 from torch import nn
 
 from cvae_model.allocator import keep_freed_memory
+from cvae_model.compiling import compile_for_training
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.layers import BlockLinear, MaskedLinear
-from cvae_model.training import ADAM_EPS, compile_for_training, make_optimizer, train_step
+from cvae_model.training import ADAM_EPS, make_optimizer, train_step
 from cvae_model.vae import VAE
 
 ORIGINAL_STEPS_PER_S = {2: 115.0, 16: 74.0, 64: 21.0}
@@ -305,8 +306,9 @@ def floor(latents: list[int], steps: int, rounds: int, run_steps: int, device: t
         _, layers = layer_costs(setup.model)
         gemms, gemm_flops = matmul_round(layers, 64, device)
         optimizer = make_optimizer(setup.model, TrainConfig())
-        for p in setup.model.parameters():
-            p.grad = torch.zeros_like(p)  # zero gradients: Adam's arithmetic, not the model's
+        for p in setup.model.parameters():  # gradients for Adam alone; the training steps
+            p.grad = torch.zeros_like(p)  # replace them, which changes no timing: Adam's cost
+            # does not depend on the values
         times: dict[str, list[float]] = {"step": [], "gemms": [], "adam": []}
         for _ in range(rounds):
             times["step"].append(timed(lambda s=setup: s.steps(steps)) / steps)

@@ -4,11 +4,11 @@ A training step frees and allocates the same tensors every step: activations, gr
 optimizer sets them to None), temporaries of a few hundred KB to tens of MB. glibc serves
 blocks above its mmap threshold with fresh ``mmap`` pages and returns the top of the heap to
 the kernel once more than its trim threshold is free there, so each step page-faults its
-tensors in again. Measured at dim_latent=64 on 2 cores (``benchmarks/malloc_effect.py``):
-600-2,900 minor faults per step at 64 rows and 12,000-22,000 at 512; with the settings below
-10-30 and a few hundred, and 5-10 % more steps/s at 64 rows, 10-20 % at 512. PyTorch's CPU tuning guide
-recommends jemalloc or tcmalloc for the same reason; these two settings are the part of that
-which glibc itself offers.
+tensors in again: hundreds to thousands of minor faults per step at dim_latent=64 and 64 rows,
+over ten thousand at 512 rows, and a few percent to tens of percent of the steps/s
+(``benchmarks/malloc_effect.py``; its latest table is in benchmarks/README.md). PyTorch's CPU
+tuning guide recommends jemalloc or tcmalloc for the same reason; these two settings are the
+part of that which glibc itself offers.
 
 The settings are process-wide and last: freed memory up to ``TRIM_THRESHOLD`` stays with the
 process instead of going back to the kernel. ``CVAE_MALLOC_TUNING=0`` leaves malloc alone.
@@ -39,11 +39,15 @@ _applied = False
 def keep_freed_memory() -> bool:
     """Apply the settings once per process, where the C library is glibc; True if in force.
 
-    A no-op (False) elsewhere (macOS, musl) and when ``CVAE_MALLOC_TUNING=0``."""
+    A no-op (False) elsewhere (macOS, musl), under another allocator preloaded with
+    ``LD_PRELOAD`` (jemalloc, tcmalloc, mimalloc already keep memory, and glibc's settings would
+    not reach them), and when ``CVAE_MALLOC_TUNING=0``."""
     global _applied
     if _applied:
         return True
-    if os.environ.get("CVAE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if (os.environ.get("CVAE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux")
+            or any(name in preloaded for name in ("jemalloc", "tcmalloc", "mimalloc"))):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -51,9 +55,11 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # Trim first: setting either disables glibc's dynamic adjustment of both.
-    _applied = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    if not _applied:
-        logger.debug("mallopt refused cvae's malloc settings; training with glibc's defaults")
+    refused = [name for name, parameter, value in (
+        ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, TRIM_THRESHOLD)) if not mallopt(parameter, value)]
+    if refused:
+        logger.debug("mallopt refused %s; training with glibc's own value for it",
+                     " and ".join(refused))
+    _applied = not refused
     return _applied

@@ -103,8 +103,9 @@ class _BlockLinearFunction(torch.autograd.Function):
             out = (xb.unsqueeze(0) * weight.unsqueeze(1)).sum(-1) + bias.unsqueeze(1)
         else:  # (blocks, n, block_in) @ (blocks, block_in, groups) -> (blocks, n, groups)
             out = torch.baddbmm(bias.t().unsqueeze(1), xb.transpose(0, 1),
-                                weight.permute(1, 2, 0)).permute(2, 1, 0)
-        return out.reshape(groups, *x.shape[:-1], blocks)
+                                weight.permute(1, 2, 0)).permute(2, 1, 0).contiguous()
+        # Not a view for 2-D inputs, so callers may modify the output in place.
+        return out if x.dim() == 2 else out.view(groups, *x.shape[:-1], blocks)
 
     @staticmethod
     @once_differentiable
@@ -122,9 +123,11 @@ class _BlockLinearFunction(torch.autograd.Function):
             if torch.compiler.is_compiling():
                 grad_weight = torch.stack([(grad[g].unsqueeze(-1) * xb).sum(0) for g in range(groups)])
             else:  # (blocks, groups, n) @ (blocks, n, block_in), from contiguous copies: the
-                # strided views make the batched product slower than the copies cost
+                # strided views make the batched product slower than the copies cost; the result
+                # laid out as the parameter is (autograd would copy it to that layout anyway)
                 grad_weight = torch.bmm(grad.permute(2, 0, 1).contiguous(),
                                         xb.transpose(0, 1).contiguous()).transpose(0, 1)
+                grad_weight = grad_weight.contiguous()
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum(1)
         return grad_x, grad_weight, grad_bias

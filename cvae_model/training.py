@@ -20,9 +20,7 @@ the term itself draws no randomness). With weight 0 a step is exactly the origin
 from __future__ import annotations
 
 import copy
-import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -32,7 +30,9 @@ from torch import Tensor, nn
 
 from cvae_model.allocator import keep_freed_memory
 from cvae_model.checkpoint import TrainState
+from cvae_model.compiling import compile_for_training
 from cvae_model.config import TrainConfig
+from cvae_model.gradients import clip_gradients
 from cvae_model.neighbours import joint_affinities, neighbour_kl
 from cvae_model.seeds import NOISE, VALIDATION, derive_seed
 from cvae_model.vae import VAE
@@ -47,7 +47,6 @@ __all__ = [
     "TrainingSetup",
     "ValidationResult",
     "evaluate_batches",
-    "compile_for_training",
     "make_optimizer",
     "make_scheduler",
     "neighbour_term",
@@ -175,40 +174,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
                             fused=fused or None)
 
 
-# ---- compile hook (benchmarks/train_throughput.py) ----------------------------------------
-COMPILE_MIN_STEPS = 20_000
-"""Runs of at least this many steps train through ``torch.compile`` (compiling costs 10-45 s on
-a 2-core machine and saves 1-3 ms per step there); ``CVAE_COMPILE=0`` turns it off."""
-
-
-class _CompiledOrEager(nn.Module):
-    """``torch.compile(module)``, falling back to ``module`` itself for good when compiling
-    fails (no C++ compiler for inductor, an unsupported platform): never worse than eager."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        self.compiled: nn.Module | None = torch.compile(module, dynamic=False)
-
-    def forward(self, *args: object) -> object:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as exc:  # compile errors surface at the first call
-                warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); training "
-                              "eagerly", RuntimeWarning, stacklevel=2)
-                self.compiled = None
-        return self.module(*args)
-
-
-def compile_for_training(module: nn.Module, config: TrainConfig) -> nn.Module:
-    """``module`` compiled for a run of ``config.num_steps`` steps when that pays, else itself."""
-    if (config.num_steps < COMPILE_MIN_STEPS or os.environ.get("CVAE_COMPILE", "1") == "0"
-            or not hasattr(torch, "compile")):
-        return module
-    return _CompiledOrEager(module)
-# ---- end of compile hook ---------------------------------------------------------------------
-
 
 def make_scheduler(optimizer: torch.optim.Optimizer,
                    config: TrainConfig) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
@@ -261,9 +226,12 @@ def setup_training(model: VAE, config: TrainConfig, saved: TrainState | None,
 
 
 def _vae_of(module: nn.Module) -> VAE:
-    """The VAE inside ``module``: itself, or wrapped by DDP, the compile hook or torch.compile."""
+    """The VAE inside ``module``: itself, or wrapped by DDP, the compile hook or torch.compile
+    (their ``module`` / ``_orig_mod``)."""
     while not isinstance(module, VAE):
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        inner = getattr(module, "module", None)
+        if inner is None:
+            inner = getattr(module, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             raise TypeError(f"train_step trains a VAE, bare or wrapped by DDP or torch.compile; "
                             f"got {type(module).__name__}")
@@ -271,38 +239,26 @@ def _vae_of(module: nn.Module) -> VAE:
     return module
 
 
-def _clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> bool:
-    """``clip_grad_norm_`` over the optimizer's parameters; False when the norm is not finite.
-
-    The same result as ``torch.nn.utils.clip_grad_norm_``, without its multiplication of every
-    gradient by a coefficient clamped to 1 when the norm is below ``max_norm`` (a read and write
-    of every gradient in nearly every step, for nothing: x * 1.0 is x)."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params])
-    coefficient = max_norm / (total + 1e-6)  # clip_grads_with_norm_'s own coefficient
-    finite, clip = torch.stack([torch.isfinite(total), coefficient < 1.0]).tolist()
-    if finite and clip:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return bool(finite)
-
-
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *,
                keep_prob: float, grad_clip_norm: float, eps: Tensor | None = None,
                generator: torch.Generator | None = None,
                neighbours: NeighbourTerm | None = None) -> StepResult:
-    """One optimizer step on batch ``x`` through ``module`` (a VAE, or a DDP-wrapped VAE).
+    """One optimizer step on batch ``x`` through ``module``: a VAE, or one wrapped by DDP, the
+    compile hook or ``torch.compile`` (anything else raises TypeError).
 
     The objective is the negative ELBO of ``x``, plus ``weight * KL(P || Q)`` over the rows of
     ``x`` (gathered from every worker when ``neighbours.gather`` is set) with ``neighbours``.
     Backward always runs, so DDP's gradient all-reduce happens on every worker; the
     step is then skipped on all workers alike when the (synchronized) gradient norm is not finite.
+    Without dropout the noise ``eps`` is drawn here, before the forward: it is the generator's
+    first draw either way, and a forward that draws nothing compiles as one graph.
     """
     optimizer.zero_grad(set_to_none=True)
     if eps is None and keep_prob >= 1.0:
-        # Without dropout the noise is the generator's first draw wherever it is made; drawn
-        # here, the forward holds no generator, so torch.compile traces it as one graph.
-        eps = torch.randn((x.shape[0], _vae_of(module).config.dim_latent), generator=generator,
-                          dtype=x.dtype, device=x.device)
+        vae = _vae_of(module)
+        weight = vae.mu.weight  # the dtype and device the VAE's own draw would have
+        eps = torch.randn((x.shape[0], vae.config.dim_latent), generator=generator,
+                          dtype=weight.dtype, device=weight.device)
     kl: Tensor | None = None
     if neighbours is None:
         out = module(x, keep_prob, eps, generator)
@@ -321,7 +277,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *
                           neighbours.dof)
         loss = out.loss + neighbours.weight * kl
     loss.backward()
-    applied = _clip_gradients(optimizer, grad_clip_norm)
+    applied = clip_gradients(optimizer, grad_clip_norm)
     if applied:
         optimizer.step()
     else:
@@ -385,14 +341,16 @@ def run_training(model: VAE, module: nn.Module, setup: TrainingSetup, batches: I
     Validates every ``test_every`` steps (step 0 of a fresh run included), applies the plateau
     rule and the stop-at-minimum-LR rule, saves every ``checkpoint_every`` steps and at the end.
     A ``KeyboardInterrupt`` propagates after ``setup.state`` was kept current, so the caller can
-    save it.
+    save it. On the CPU it first tells glibc's malloc to keep freed memory, for the rest of the
+    process (``cvae_model.allocator``; ``CVAE_MALLOC_TUNING=0`` leaves malloc alone).
     """
     optimizer, scheduler, state = setup.optimizer, setup.scheduler, setup.state
     if config.seed is None:
         raise ValueError("run_training needs a resolved seed (cvae_model.seeds.resolve_seed)")
     rows_per_step = world_batch_rows or config.step_rows
-    keep_freed_memory()  # no page faults for each step's tensors (cvae_model.allocator)
     device = next(model.parameters()).device
+    if device.type == "cpu":  # no page faults for each step's tensors (cvae_model.allocator)
+        keep_freed_memory()
     generator = torch.Generator(device=device)
     if module is model:  # not under DDP (several workers): compile there is untested
         module = compile_for_training(module, config)

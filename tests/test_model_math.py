@@ -165,7 +165,7 @@ def test_compiled_and_eager_train_steps_agree(structured: bool, keep_prob: float
     import copy
     import warnings
 
-    from cvae_model.training import COMPILE_MIN_STEPS, compile_for_training
+    from cvae_model.compiling import COMPILE_MIN_STEPS, compile_for_training
 
     monkeypatch.setattr(AutoregressiveNet, "structured_min_weights", 0 if structured else 10**9)
     monkeypatch.delenv("CVAE_COMPILE", raising=False)
