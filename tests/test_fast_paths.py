@@ -199,18 +199,22 @@ _FAULTS_PER_STEP = textwrap.dedent("""
         for _ in range(n):
             train_step(model, optimizer, x, keep_prob=1.0, grad_clip_norm=100.0)
     steps(3)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    steps(5)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
-    print(json.dumps({"tuned": tuned, "faults": faults}))
+    per_step = []
+    for _ in range(20):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        steps(1)
+        per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    # The median, because even with the settings the heap still grows now and then while it
+    # settles (a step of 256-1,500 faults among steps of 0-2); the mean of a few steps caught one.
+    print(json.dumps({"tuned": tuned, "faults": sorted(per_step)[len(per_step) // 2]}))
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_kept_memory_stops_the_page_faults_of_each_step() -> None:
     """What cvae_model.allocator is for: with glibc's defaults a 64-D step page-faults its
-    tensors in again (hundreds of faults or more); with the settings training applies, a tenth
-    of that or less."""
+    tensors in again (hundreds of faults or more in a typical step); with the settings training
+    applies, a tenth of that or less."""
     clean = {key: value for key, value in os.environ.items()
              if not key.startswith("MALLOC_") and key not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
 
