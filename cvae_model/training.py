@@ -255,10 +255,7 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, *
     """
     optimizer.zero_grad(set_to_none=True)
     if eps is None and keep_prob >= 1.0:
-        vae = _vae_of(module)
-        weight = vae.mu.weight  # the dtype and device the VAE's own draw would have
-        eps = torch.randn((x.shape[0], vae.config.dim_latent), generator=generator,
-                          dtype=weight.dtype, device=weight.device)
+        eps = _vae_of(module).draw_noise(x.shape[:-1], generator)
     kl: Tensor | None = None
     if neighbours is None:
         out = module(x, keep_prob, eps, generator)

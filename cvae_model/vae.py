@@ -115,6 +115,15 @@ class VAE(nn.Module):
         z, _ = self.flow(post.mu, post.hidden)
         return z
 
+    def draw_noise(self, batch_shape: tuple[int, ...],
+                   generator: torch.Generator | None = None) -> Tensor:
+        """The reparameterization's standard normal noise for a batch of ``batch_shape`` rows,
+        in the parameters' dtype and device: the one draw ``forward`` makes when not given
+        ``eps`` (``train_step`` makes it before the forward when there is no dropout)."""
+        weight = self.mu.weight
+        return torch.randn((*batch_shape, self.config.dim_latent), generator=generator,
+                           dtype=weight.dtype, device=weight.device)
+
     def forward(self, x: Tensor, keep_prob: float = 1.0, eps: Tensor | None = None,
                 generator: torch.Generator | None = None,
                 embed_rows: Tensor | None = None) -> VAEOutput:
@@ -127,8 +136,7 @@ class VAE(nn.Module):
         """
         post = self.encode(x, keep_prob, generator)
         if eps is None:
-            eps = torch.randn(post.mu.shape, generator=generator, dtype=post.mu.dtype,
-                              device=post.mu.device)
+            eps = self.draw_noise(post.mu.shape[:-1], generator)
         z0 = post.mu + torch.exp(0.5 * post.log_var) * eps
         z, log_det = self.flow(z0, post.hidden)
         x_hat = self.decode(z, keep_prob, generator)
