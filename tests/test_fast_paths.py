@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cvae_model.compiling import _CompiledOrEager
+from cvae_model import allocator
+from cvae_model.compiling import COMPILE_MIN_STEPS, _CompiledOrEager, compile_for_training
 from cvae_model.config import ModelConfig, TrainConfig
 from cvae_model.gradients import clip_gradients
 from cvae_model.layers import BlockLinear
@@ -105,6 +107,58 @@ def test_without_dropout_the_forward_gets_its_noise_and_compiles_as_one_graph() 
     drawing = torch._dynamo.explain(model)(x, 1.0, None, generator)
     assert with_noise.graph_count == 1 and with_noise.graph_break_count == 0
     assert drawing.graph_break_count >= 1  # the reason: without eps it does not compile whole
+
+
+def test_only_long_runs_compile_and_cvae_compile_0_turns_it_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: runs of COMPILE_MIN_STEPS (20,000) steps or more go through torch.compile by
+    default; shorter runs, and any run with CVAE_COMPILE=0, train the module itself."""
+    model = _small_vae()
+    monkeypatch.delenv("CVAE_COMPILE", raising=False)
+    assert COMPILE_MIN_STEPS == 20_000
+    assert compile_for_training(model, TrainConfig(num_steps=COMPILE_MIN_STEPS - 1)) is model
+    hooked = compile_for_training(model, TrainConfig(num_steps=COMPILE_MIN_STEPS))
+    assert isinstance(hooked, _CompiledOrEager) and hooked.module is model
+    monkeypatch.setenv("CVAE_COMPILE", "0")
+    assert compile_for_training(model, TrainConfig(num_steps=COMPILE_MIN_STEPS)) is model
+
+
+def test_the_compile_hook_trains_eagerly_when_compiling_fails() -> None:
+    """README: eager if compiling fails. A backend that fails (as inductor does without a C++
+    compiler) gives one RuntimeWarning naming the error, the eager result, and eager from then on."""
+    model = _small_vae()
+
+    def failing_backend(graph: object, inputs: object) -> object:
+        raise RuntimeError("no C++ compiler found")
+
+    torch._dynamo.reset()
+    hook = _CompiledOrEager(model)
+    hook.compiled = torch.compile(model, backend=failing_backend)
+    x, eps = torch.randn(4, 10), torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning, match="(?s)torch.compile failed.*no C\\+\\+ compiler found"):
+        out = hook(x, 1.0, eps)
+    assert hook.compiled is None
+    assert torch.equal(out.loss, model(x, 1.0, eps).loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(hook(x, 1.0, eps).loss, out.loss)
+
+
+@pytest.mark.parametrize("env", [{"CVAE_MALLOC_TUNING": "0"},
+                                 {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+                                 {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}],
+                         ids=["turned-off", "jemalloc", "tcmalloc"])
+def test_malloc_is_left_alone_when_turned_off_or_under_another_allocator(
+        env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: CVAE_MALLOC_TUNING=0 leaves glibc's malloc alone; so does a preloaded allocator,
+    which glibc's settings would not reach."""
+    monkeypatch.setattr(allocator, "_applied", False)  # as in a fresh process
+    monkeypatch.delenv("CVAE_MALLOC_TUNING", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert allocator.keep_freed_memory() is False
+    assert allocator._applied is False
 
 
 def test_a_step_takes_a_vae_however_it_is_wrapped() -> None:
